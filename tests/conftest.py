@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated cache and environment, and small synthetic IDX datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnistlab.data.idx import write_idx
+from mnistlab.data.registry import IDX_STEMS
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty cache and no user overrides of where data lives."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("MNISTLAB_DATA", raising=False)
+    monkeypatch.delenv("MNISTLAB_MIRRORS", raising=False)
+    return cache
+
+
+def make_arrays(n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random 28x28 uint8 images with labels 0..9, keyed by the standard file stems."""
+    rng = np.random.default_rng(seed)
+    return {
+        IDX_STEMS[0]: rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
+        IDX_STEMS[1]: (np.arange(n_train) % 10).astype(np.uint8),
+        IDX_STEMS[2]: rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
+        IDX_STEMS[3]: (np.arange(n_test) % 10).astype(np.uint8),
+    }
+
+
+def write_dataset(folder: Path, arrays: dict[str, np.ndarray], gz: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in arrays.items():
+        write_idx(folder / (f"{stem}.gz" if gz else stem), array)
+    return folder
+
+
+@pytest.fixture
+def idx_dir(tmp_path) -> Path:
+    """A folder holding a small valid gzipped IDX dataset (200 train, 50 test)."""
+    return write_dataset(tmp_path / "tiny", make_arrays())

@@ -1,0 +1,134 @@
+"""Datasets by name: the real Fashion-MNIST from Debian's folder, bundled digits, --data-dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_arrays, write_dataset
+from mnistlab.cli import main
+from mnistlab.data.dataset import VAL_SPLIT_SEED, load_dataset, pixel_stats
+from mnistlab.data.registry import TRAIN_IMAGES, get_spec
+from mnistlab.data.resolve import candidate_dirs, locate
+from mnistlab.errors import UserError
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_debian_fashion = pytest.mark.skipif(
+    not (DEBIAN_FASHION / f"{TRAIN_IMAGES}.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+@needs_debian_fashion
+def test_fashion_mnist_from_debian_verifies_and_loads(capsys):
+    assert main(["data", "verify", "fashion-mnist"]) == 0
+    assert "4 of 4 files verified" in capsys.readouterr().out
+    ds = load_dataset("fashion-mnist", offline=True)
+    assert ds.source == "system"
+    assert len(ds.train_labels) + len(ds.val_labels) == 60_000 and len(ds.val_labels) == 5_000
+    assert ds.test_images.shape == (10_000, 28, 28) and ds.test_images.dtype == torch.uint8
+    assert torch.bincount(ds.test_labels).tolist() == [1_000] * 10  # balanced, as published
+    assert ds.classes[9] == "Ankle boot"
+    assert 0.28 < ds.mean < 0.29 and 0.35 < ds.std < 0.36
+
+
+def test_digits_loads_with_no_network():
+    ds = load_dataset("digits", offline=True)
+    assert len(ds.train_labels) + len(ds.val_labels) == 1_437 and len(ds.test_labels) == 360
+    assert ds.train_images.shape[1:] == (28, 28) and ds.train_images.dtype == torch.uint8
+    # the 20x20 digit sits inside a 4-pixel empty frame, like MNIST
+    assert ds.train_images[:, :4].max() == 0 and ds.train_images[:, :, -4:].max() == 0
+    assert ds.train_images.max() > 200
+    assert sorted(torch.bincount(ds.test_labels).tolist())[0] >= 35  # stratified: 35 or 36 each
+
+
+def test_validation_split_is_fixed_and_disjoint(idx_dir):
+    a = load_dataset("mnist", data_dir=idx_dir, val_size=30)
+    b = load_dataset("mnist", data_dir=idx_dir, val_size=30)
+    assert torch.equal(a.val_images, b.val_images) and torch.equal(a.train_images, b.train_images)
+    assert len(a.val_labels) == 30 and len(a.train_labels) == 170
+    rows = {bytes(x.numpy()) for x in a.train_images}
+    assert not any(bytes(x.numpy()) in rows for x in a.val_images)
+    assert VAL_SPLIT_SEED == 12345  # changing it silently changes every reported val accuracy
+
+
+def test_pixel_stats_match_direct_computation():
+    x = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    mean, std = pixel_stats(x)
+    ref = x.double() / 255
+    assert mean == pytest.approx(ref.mean().item(), abs=1e-12)
+    assert std == pytest.approx(ref.std(unbiased=False).item(), abs=1e-12)
+
+
+def test_data_dir_reads_uncompressed_files(tmp_path):
+    folder = write_dataset(tmp_path / "raw", make_arrays(n_train=120, n_test=30), gz=False)
+    ds = load_dataset("fashion-mnist", data_dir=folder)
+    assert len(ds.test_labels) == 30 and ds.source == "--data-dir"
+
+
+def test_data_dir_missing_file_names_it(tmp_path, idx_dir):
+    (idx_dir / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(UserError, match="missing: t10k-labels-idx1-ubyte.gz"):
+        load_dataset("mnist", data_dir=idx_dir)
+
+
+def test_search_order_env_then_cache_then_system(tmp_path, monkeypatch, isolated_env):
+    monkeypatch.setenv("MNISTLAB_DATA", str(tmp_path / "data"))
+    labels = [label for label, _ in candidate_dirs(get_spec("fashion-mnist"))]
+    assert labels == ["$MNISTLAB_DATA", "cache", "system"]
+
+
+def test_damaged_user_folder_is_reported_not_overwritten(tmp_path, monkeypatch):
+    folder = write_dataset(tmp_path / "data" / "kmnist", make_arrays())
+    monkeypatch.setenv("MNISTLAB_DATA", str(tmp_path / "data"))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match="damaged or missing"):
+        locate(get_spec("kmnist"), offline=True)  # synthetic bytes do not match the KMNIST hashes
+    assert before == {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_verify_exit_codes(tmp_path, idx_dir, capsys):
+    assert main(["data", "verify", "mnist", "--data-dir", str(idx_dir)]) == 2  # hashes differ
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["data", "verify", "digits"]) == 0
+
+
+def test_offline_missing_dataset_names_the_choices(capsys):
+    assert main(["data", "show", "kmnist", "--offline", "-o", "x.png"]) == 2
+    err = capsys.readouterr().err
+    for choice in ("--dataset digits", "apt-get install dataset-fashion-mnist", "--data-dir"):
+        assert choice in err
+    assert "Traceback" not in err
+
+
+def test_unknown_dataset_is_exit_2(capsys):
+    assert main(["data", "fetch", "cifar10"]) == 2
+    assert "unknown dataset 'cifar10'" in capsys.readouterr().err
+
+
+def test_data_list_and_show(tmp_path, idx_dir, capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "not present" in out  # kmnist is never installed here
+    png = tmp_path / "grid.png"
+    assert main(["data", "show", "mnist", "--data-dir", str(idx_dir), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv", [[], ["data"], ["data", "list"], ["data", "fetch"],
+                                  ["data", "verify"], ["data", "show"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: mnistlab" in capsys.readouterr().out
+
+
+def test_bundled_digits_array_is_deterministic():
+    from mnistlab.data.digits import load_digits_28
+
+    a, b = load_digits_28(), load_digits_28()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -1,0 +1,129 @@
+"""Verified downloads against a real HTTP server on 127.0.0.1 that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from conftest import make_arrays
+from mirror_server import BAD_MODES, MirrorServer
+from mnistlab.cli import main
+from mnistlab.data import registry
+from mnistlab.data.dataset import load_dataset
+from mnistlab.data.download import DownloadError, download_file
+from mnistlab.data.idx import encode_idx
+from mnistlab.data.registry import DatasetSpec, FileSpec
+from mnistlab.data.resolve import cache_root, locate
+
+FAST = dict(attempts=2, backoff=0.01, timeout=5.0, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def archives() -> dict[str, bytes]:
+    """The four .gz files of a small synthetic dataset, as a mirror would serve them."""
+    return {f"{stem}.gz": gzip.compress(encode_idx(a), mtime=0) for stem, a in make_arrays().items()}
+
+
+@pytest.fixture
+def spec(archives, server) -> DatasetSpec:
+    files = tuple(
+        FileSpec(name.removesuffix(".gz"), hashlib.sha256(body).hexdigest(), len(body))
+        for name, body in archives.items()
+    )
+    return DatasetSpec(name="tinymnist", description="synthetic", source="tests",
+                       classes=tuple("0123456789"), files=files,
+                       mirrors=(server.url("html200"), server.url("good")), train_count=200, test_count=50)
+
+
+@pytest.fixture
+def server(archives):
+    with MirrorServer(archives) as s:
+        yield s
+
+
+def _assert_good(path: Path, body: bytes) -> None:
+    assert path.read_bytes() == body
+    assert not list(path.parent.glob("*.part"))
+
+
+@pytest.mark.parametrize("mode", BAD_MODES)
+def test_bad_mirror_then_good_mirror_gives_verified_file(tmp_path, server, spec, archives, mode):
+    f = spec.files[0]
+    out = download_file(f, tmp_path, [server.url(mode), server.url("good")], log=lambda m: None, **FAST)
+    _assert_good(out, archives[out.name])
+    # transient faults (5xx, a connection cut mid-body) are retried; a mirror serving bad bytes is not
+    retryable = mode in ("503", "reset")
+    assert server.requests[f"/{mode}/{out.name}"] == (FAST["attempts"] if retryable else 1)
+    assert server.requests[f"/good/{out.name}"] == 1
+
+
+@pytest.mark.parametrize("mode", BAD_MODES)
+def test_only_bad_mirrors_leave_no_final_file(tmp_path, server, spec, mode):
+    f = spec.files[0]
+    with pytest.raises(DownloadError, match="could not download"):
+        download_file(f, tmp_path, [server.url(mode)], log=lambda m: None, **FAST)
+    assert not (tmp_path / f"{f.stem}.gz").exists()
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_failure_message_names_every_mirror_and_offline_choices(tmp_path, server, spec):
+    with pytest.raises(DownloadError) as e:
+        download_file(spec.files[1], tmp_path, [server.url("403"), server.url("html200")],
+                      log=lambda m: None, **FAST)
+    text = str(e.value)
+    assert "HTTP 403" in text and "HTML" in text and "--dataset digits" in text
+
+
+def test_download_then_valid_cache_makes_zero_requests(server, spec, archives):
+    label, folder = locate(spec)
+    assert label == "downloaded" and folder == cache_root() / "tinymnist"
+    for name, body in archives.items():
+        _assert_good(folder / name, body)
+    before = sum(server.requests.values())
+    assert locate(spec) == ("cache", folder)
+    assert sum(server.requests.values()) == before
+
+
+def test_flipped_byte_in_cache_is_detected_and_fetched_again(server, spec, archives):
+    _, folder = locate(spec)
+    victim = folder / "t10k-images-idx3-ubyte.gz"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x01
+    victim.write_bytes(bytes(data))
+    server.requests.clear()
+    assert locate(spec)[0] == "downloaded"
+    _assert_good(victim, archives[victim.name])
+    fetched = {p for p, n in server.requests.items() if n and p.startswith("/good/")}
+    assert fetched == {"/good/t10k-images-idx3-ubyte.gz"}  # only the damaged file
+
+
+def test_half_written_cache_file_is_fetched_again(server, spec, archives):
+    _, folder = locate(spec)
+    victim = folder / "train-images-idx3-ubyte.gz"
+    victim.write_bytes(archives[victim.name][:500])
+    locate(spec)
+    _assert_good(victim, archives[victim.name])
+
+
+def test_damaged_cache_while_offline_is_a_clear_error(server, spec):
+    _, folder = locate(spec)
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"<html>oops</html>")
+    with pytest.raises(Exception, match="(?s)damaged.*--dataset digits"):
+        locate(spec, offline=True)
+
+
+def test_cli_fetch_uses_mirrors_from_environment(server, spec, archives, monkeypatch, capsys):
+    """The real `data fetch` path, its mirrors pointed at the local server through the env var."""
+    monkeypatch.setitem(registry.DATASETS, "mnist", spec)
+    monkeypatch.setenv("MNISTLAB_MIRRORS", f"{server.url('html200')},{server.url('good')}")
+    assert main(["data", "fetch", "mnist"]) == 0
+    folder = cache_root() / "tinymnist"
+    assert "verified" in capsys.readouterr().out
+    for name, body in archives.items():
+        _assert_good(folder / name, body)
+    ds = load_dataset("mnist")
+    assert (len(ds.train_labels) + len(ds.val_labels), len(ds.test_labels)) == (200, 50)
+    assert main(["data", "verify", "mnist"]) == 0
