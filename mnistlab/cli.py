@@ -37,7 +37,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
         rows.append((spec.name, size, where, spec.source))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
     print("\nSearch order: --data-dir, $MNISTLAB_DATA/<name>, ~/.cache/mnistlab/<name>, "
           "/usr/share/datasets/<name>, then a download (unless --offline).")
     return 0

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_arrays, write_dataset
+
 from mnistlab.cli import main
 from mnistlab.data.dataset import VAL_SPLIT_SEED, load_dataset, pixel_stats
 from mnistlab.data.registry import TRAIN_IMAGES, get_spec
@@ -131,4 +131,4 @@ def test_bundled_digits_array_is_deterministic():
     from mnistlab.data.digits import load_digits_28
 
     a, b = load_digits_28(), load_digits_28()
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))

@@ -7,9 +7,9 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
 from conftest import make_arrays
 from mirror_server import BAD_MODES, MirrorServer
+
 from mnistlab.cli import main
 from mnistlab.data import registry
 from mnistlab.data.dataset import load_dataset

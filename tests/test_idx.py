@@ -6,8 +6,8 @@ import gzip
 
 import numpy as np
 import pytest
-
 from conftest import make_arrays, write_dataset
+
 from mnistlab.cli import main
 from mnistlab.data.dataset import load_dataset
 from mnistlab.data.idx import IdxError, encode_idx, parse_idx, read_idx, write_idx
