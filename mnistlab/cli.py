@@ -1,5 +1,11 @@
 """The `mnistlab` command: parses arguments, calls the library, prints. Nothing else lives here.
 
+    mnistlab train                          the default CNN on MNIST (downloads it once)
+    mnistlab train --dataset digits         offline, in seconds
+    mnistlab train --recipe fast --dataset fashion-mnist
+    mnistlab train --resume runs/RUN        continue a stopped run exactly
+    mnistlab eval runs/RUN                  accuracy, per-class accuracy, confusion matrix
+    mnistlab models                         the zoo: parameters, MFLOPs, description
     mnistlab data list                      where each dataset is (or "not present")
     mnistlab data fetch fashion-mnist       download and verify into ~/.cache/mnistlab
     mnistlab data verify mnist              hash and header of every file (exit 0 or 2)
@@ -15,7 +21,7 @@ from collections.abc import Sequence
 from mnistlab.errors import UserError
 
 
-def _add_data_source_flags(p: argparse.ArgumentParser) -> None:
+def _add_data_source_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="a folder holding the four standard IDX files "
                    "(gzipped or not); searched before everything else")
     p.add_argument("--offline", action="store_true", help="never download; fail with the offline "
@@ -104,6 +110,146 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    return value
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word such as relu
+    return key.replace("-", "_"), value
+
+
+TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "epochs", "batch_size", "lr",
+               "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip", "augment", "hflip",
+               "seed", "deterministic", "device", "threads", "eval_batch_size", "run_dir", "recipe")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnistlab.config import TrainConfig, resolve_config
+
+    explicit = {k: getattr(args, k, None) for k in TRAIN_FLAGS}
+    explicit["model_kwargs"] = dict(args.model_arg or [])
+    explicit["offline"] = args.offline or None
+    explicit["deterministic"] = args.deterministic or None
+    if args.resume:
+        run_dir = Path(args.resume)
+        given = [k for k, v in explicit.items() if v not in (None, {}) and k not in ("device", "threads")]
+        if given:
+            raise UserError(f"--resume continues with the run's saved config; drop "
+                            f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"--resume {run_dir}: no config.json there (not a run folder?)")
+        cfg = TrainConfig.load(run_dir / "config.json")
+        cfg.run_dir = str(run_dir)
+        cfg.device = args.device or cfg.device
+        cfg.threads = args.threads or cfg.threads
+        if not (run_dir / "checkpoint.safetensors").is_file():
+            raise UserError(f"--resume {run_dir}: no checkpoint yet (it stopped before its first epoch ended); "
+                            "start it again without --resume")
+    else:
+        cfg = resolve_config(explicit)
+        from mnistlab.models import model_entry
+
+        model_entry(cfg.model)  # an unknown name fails here, before any data is loaded
+    from mnistlab.train import train
+
+    train(cfg, resume=bool(args.resume))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from mnistlab.checkpoint import CHECKPOINT, load_model
+    from mnistlab.config import TrainConfig
+    from mnistlab.data.dataset import load_dataset
+    from mnistlab.evaluate import evaluate, per_class_accuracy
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
+    model, meta = load_model(run_dir / CHECKPOINT)
+    cfg = TrainConfig.from_dict(meta["config"])
+    ds = load_dataset(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, offline=args.offline or cfg.offline,
+                      val_size=cfg.val_size)
+    images, labels = ds.split(args.split)
+    result = evaluate(model, images, labels, meta["mean"], meta["std"])
+    cm = result.confusion(len(ds.classes))
+    per_class = per_class_accuracy(cm)
+    if args.json:
+        print(json.dumps(dict(run_dir=str(run_dir), split=args.split, dataset=ds.name, model=meta["model"],
+                              step=meta["step"], accuracy=result.accuracy, loss=result.loss,
+                              per_class_accuracy=dict(zip(ds.classes, per_class.tolist(), strict=True)),
+                              confusion=cm.tolist()), indent=2))
+        return 0
+    print(f"{run_dir}: {meta['model']} on {ds.name} {args.split} ({len(labels):,} images), step {meta['step']}")
+    print(f"accuracy {result.accuracy:.2%}   loss {result.loss:.4f}\n")
+    name_w = max(len(c) for c in ds.classes)
+    print(f"{'class':<{name_w + 4}}  accuracy")
+    for i, (c, a) in enumerate(zip(ds.classes, per_class.tolist(), strict=True)):
+        print(f"{i:>2}  {c:<{name_w}}  {a:8.2%}")
+    k = len(ds.classes)
+    print("\nconfusion matrix (rows: true class, columns: predicted)")
+    print("    " + "".join(f"{j:>6}" for j in range(k)))
+    for i in range(k):
+        print(f"{i:>3} " + "".join(f"{int(v):>6}" for v in cm[i].tolist()))
+    del torch
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mnistlab.models import create_model, list_models, model_entry
+    from mnistlab.models.flops import count_params, forward_flops
+
+    rows = [("name", "params", "MFLOPs", "description")]
+    for name in list_models():
+        model = create_model(name)
+        rows.append((name, f"{count_params(model):,}", f"{forward_flops(model) / 1e6:.2f}",
+                     model_entry(name).description))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+    print("\nMFLOPs: forward pass, one 28x28 image, default options (a multiply-add counts as 2).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnistlab",
@@ -114,6 +260,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from mnistlab.config import RECIPES
+
+    p = sub.add_parser(
+        "train", help="train a model; writes a run folder",
+        description="Train a model. Precedence: defaults < the model's defaults < --recipe < explicit flags. "
+                    "Recipes: " + "; ".join(f"{k}: {v['doc']}" for k, v in RECIPES.items()) + ".",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="mnist, fashion-mnist, kmnist or digits (default: mnist)")
+    _add_data_source_flags(g)
+    g.add_argument("--val-size", type=int, help="validation images carved from train (default: 5000)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="a name from `mnistlab models` (default: cnn)")
+    g.add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE",
+                   help="a model option, repeatable: --model-arg widths=[16,32,64] --model-arg activation=gelu")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--recipe", choices=sorted(RECIPES), help="a named, documented set of values")
+    g.add_argument("--epochs", type=_positive_int, help="passes over the training set")
+    g.add_argument("--batch-size", type=_positive_int, help="images per step")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (momentum 0.9, Nesterov) or adamw")
+    g.add_argument("--schedule", choices=("onecycle", "cosine", "constant"),
+                   help="learning-rate schedule after the warm-up")
+    g.add_argument("--warmup", type=_fraction, help="fraction of all steps spent warming up (default: 0.2)")
+    g.add_argument("--weight-decay", type=_nonneg_float, help="decoupled (adamw) or L2 (sgd) weight decay")
+    g.add_argument("--label-smoothing", type=_fraction, help="label smoothing in [0, 1)")
+    g.add_argument("--grad-clip", type=_positive_float, help="clip the global gradient norm to this value")
+    g.add_argument("--augment", choices=("none", "shift", "affine"),
+                   help="batched on-device augmentation: random +-2 px shifts, or affine warps")
+    g.add_argument("--hflip", choices=("off", "on", "auto"),
+                   help="random left-right flips; auto: only for mirror-symmetric datasets (fashion-mnist)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help="seeds weights, order, dropout and augmentation (default: 0)")
+    g.add_argument("--deterministic", action="store_true", help="force deterministic kernels (GPU)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="where to train (default: auto)")
+    g.add_argument("--threads", type=_positive_int, help="CPU threads (default: one per core)")
+    g.add_argument("--eval-batch-size", type=_positive_int, help="images per evaluation batch (default: 1000)")
+    g.add_argument("--run-dir", metavar="DIR", help="the run folder (default: runs/<time>-<dataset>-<model>)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run folder: accuracy, per-class accuracy, confusion",
+                       description="Rebuild the model from RUN_DIR alone and evaluate it.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which split (default: test)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_data_source_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description")
+    p.set_defaults(func=cmd_models)
 
     data = sub.add_parser("data", help="list, fetch, verify and show datasets",
                           description="Datasets: mnist, fashion-mnist, kmnist (IDX, 60k/10k) and "

@@ -38,6 +38,7 @@ class DatasetSpec:
     train_count: int = 60_000
     test_count: int = 10_000
     system_dirs: tuple[str, ...] = field(default=())
+    mirror_symmetric: bool = False  # classes unchanged by a left-right flip (clothes yes, digits no)
 
     @property
     def is_idx(self) -> bool:
@@ -97,6 +98,7 @@ _register(DatasetSpec(
         "https://fashion-mnist.s3.eu-central-1.amazonaws.com/",
     ),
     system_dirs=("/usr/share/datasets/fashion-mnist",),
+    mirror_symmetric=True,
 ))
 
 _register(DatasetSpec(

@@ -1,0 +1,143 @@
+"""Self-describing checkpoints: one safetensors file holding the weights, the optimizer state and,
+in its JSON metadata header, everything else (model name and kwargs, step, epoch, config).
+
+No pickle anywhere: safetensors stores raw tensors and a JSON header, so loading a file from a
+stranger cannot run code. Writes are atomic: a temporary file in the same folder, fsync, rename,
+fsync of the folder; a kill at any moment leaves the previous complete checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mnistlab.errors import UserError
+
+CHECKPOINT = "checkpoint.safetensors"
+FORMAT_VERSION = 1
+
+
+class NonFiniteCheckpoint(RuntimeError):
+    """Refusal to write a checkpoint holding NaN or Inf."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is always either the old or the new complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (by 'optim/<param>/<key>') and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{pid}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}/{key}"] = value
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            _, pid, key = name.split("/", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split("/", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Atomically write model (+ optimizer, + extra tensors) and `meta` to one safetensors file."""
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+    for k, v in (extra or {}).items():
+        tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteCheckpoint(f"refusing to write a checkpoint with non-finite values in {', '.join(bad[:5])}")
+    atomic_write_bytes(path, st_save(tensors, metadata={"mnistlab": json.dumps(meta)}))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read (tensors, meta) from a checkpoint file; a damaged file is a UserError."""
+    try:
+        data = Path(path).read_bytes()
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["mnistlab"])
+    except FileNotFoundError:
+        raise UserError(f"{path}: no checkpoint there") from None
+    except (SafetensorError, KeyError, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable mnistlab checkpoint ({e})") from e
+    return tensors, meta
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix/`, with the prefix removed."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+
+
+def load_into(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load weights (and optimizer state) from `path` into existing objects; return (meta, extra)."""
+    tensors, meta = read_checkpoint(path)
+    model.load_state_dict(prefixed(tensors, "model"))
+    if optimizer is not None:
+        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    return meta, prefixed(tensors, "extra")
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint file alone: its name and kwargs are in the metadata."""
+    from mnistlab.models import create_model
+
+    tensors, meta = read_checkpoint(path)
+    model = create_model(meta["model"], in_chans=meta["in_chans"], num_classes=meta["num_classes"],
+                         **meta["model_kwargs"])
+    model.load_state_dict(prefixed(tensors, "model"))
+    return model.to(device).eval(), meta

@@ -1,0 +1,75 @@
+"""Batches served from tensors already on the device, and batched augmentation.
+
+No DataLoader, no per-sample Python: a batch is an index slice of a seeded per-epoch permutation,
+gathered from the uint8 image tensor, converted and normalised in one op, and augmented with one
+`grid_sample` for the whole batch (after KellerJordan's airbench loader).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTATIONS = ("none", "shift", "affine")
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The order of the training images in `epoch`: a function of (seed, epoch) alone.
+
+    Being a pure function is what makes resuming exact: a resumed run recomputes the same order
+    instead of needing the generator's state from the moment it stopped.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def to_input(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float32, normalised to zero mean and unit variance."""
+    x = images_u8.unsqueeze(1).to(torch.float32)
+    return (x - 255.0 * mean) * (1.0 / (255.0 * std))
+
+
+def augment_batch(
+    x: torch.Tensor, mode: str, background: float, max_shift: int = 2, hflip: bool = False
+) -> torch.Tensor:
+    """Randomly shift or affinely warp (and maybe mirror) each image of x (B, C, H, W) in one grid_sample.
+
+    `background` is the normalised value of a black pixel, used to fill what moves into view.
+    Draws from torch's global RNG on x's device, which the training loop seeds per step.
+    """
+    if mode == "none" and not hflip:
+        return x
+    b, _, h, w = x.shape
+    dev = x.device
+    # translation in pixels, then in grid_sample's [-1, 1] units (2 / size per pixel)
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), device=dev).to(x.dtype)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 2] = shift[:, 0] * (2.0 / w)
+    theta[:, 1, 2] = shift[:, 1] * (2.0 / h)
+    if mode in ("shift", "none"):
+        if mode == "none":
+            theta[:, :, 2] = 0.0
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        interp = "nearest"  # integer shifts land exactly on pixels: no blur
+    elif mode == "affine":
+        angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(12)
+        scale = 1 + (torch.rand(b, device=dev) * 2 - 1) * 0.1
+        shear = (torch.rand(b, device=dev) * 2 - 1) * math.radians(8)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # rotation @ shear, divided by scale (theta maps output to input coordinates)
+        theta[:, 0, 0] = cos / scale
+        theta[:, 0, 1] = (cos * torch.tan(shear) - sin) / scale
+        theta[:, 1, 0] = sin / scale
+        theta[:, 1, 1] = (sin * torch.tan(shear) + cos) / scale
+        interp = "bilinear"
+    else:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, not {mode!r}")
+    if hflip:  # negating the x row of theta mirrors the image about its vertical axis
+        flip = torch.rand(b, device=dev) < 0.5
+        theta[flip, 0, :2] = -theta[flip, 0, :2]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # grid_sample pads with zeros; shift so that zero is the background, then shift back
+    out = F.grid_sample(x - background, grid, mode=interp, padding_mode="zeros", align_corners=False)
+    return out + background

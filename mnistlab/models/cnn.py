@@ -1,0 +1,71 @@
+"""A modern small CNN: conv-BN-ReLU stages, max-pooling, and a small head.
+
+Three stages at 28 (or 14), 14 and 7 pixels, each `depth` conv-BN-ReLU blocks wide `widths[i]`.
+BatchNorm lets a one-cycle schedule use large learning rates, so a few epochs suffice. Shaped by
+measurements on a 2-core CPU (bench/speed_cnn.py):
+- `stem_stride=2` runs the first conv at stride 2 instead of conv + max-pool at full resolution:
+  the 28x28 stage costs more in memory traffic than it gives in accuracy (about 25% faster).
+- `head="flatten"` keeps the final 3x3 map's layout (max-pool 7 -> 3, flatten) instead of global
+  averaging, which throws away where things are: +0.5 points on Fashion-MNIST at 3 epochs.
+- `hidden` adds one fully connected layer before the classifier (cheap, +0.3 points).
+No hard-coded flatten size: it follows from the widths (the 9216 of pytorch/examples is a wart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from mnistlab.models.registry import register_model
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    # bias=False: BatchNorm's shift makes a conv bias redundant
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+@register_model("cnn", "modern small CNN: conv-BN-ReLU stages, max-pool, 3x3 flatten head (the default)")
+class SmallCNN(nn.Module):
+    def __init__(
+        self,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        widths: Sequence[int] = (32, 64, 128),
+        depth: int = 1,
+        stem_stride: int = 1,
+        head: str = "flatten",
+        hidden: int = 256,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if stem_stride not in (1, 2) or head not in ("flatten", "avg") or len(widths) != 3:
+            raise ValueError("cnn: stem_stride is 1 or 2, head is 'flatten' or 'avg', widths has 3 entries")
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for stage, w in enumerate(widths):
+            for block in range(depth):
+                stride = stem_stride if stage == 0 and block == 0 else 1
+                layers.append(conv_bn(cin, w, stride))
+                cin = w
+            if stage < 2 and not (stage == 0 and stem_stride == 2):
+                layers.append(nn.MaxPool2d(2))  # (28 ->) 14 -> 7
+        self.features = nn.Sequential(*layers)  # (B, widths[2], 7, 7)
+        if head == "flatten":
+            self.pool: nn.Module = nn.Sequential(nn.MaxPool2d(2), nn.Flatten())  # (B, widths[2] * 9)
+            dim = cin * 9
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, widths[2])
+            dim = cin
+        self.fc = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True)) if hidden else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(hidden or dim, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)))  # (B, hidden) or (B, pooled dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.forward_features(x)))

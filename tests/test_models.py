@@ -1,0 +1,83 @@
+"""Every registered model, through one interface: shapes, backward, checkpoint round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnistlab.checkpoint import load_model, save_checkpoint
+from mnistlab.models import create_model, list_models
+from mnistlab.models.flops import count_params, forward_flops
+
+ALL = list_models()
+
+
+def test_registry_holds_the_first_models():
+    assert {"linear", "mlp", "lenet5", "cnn"} <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_output_shape_and_features(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7).eval()
+    x = torch.randn(3, 1, 28, 28)
+    logits = model(x)
+    assert logits.shape == (3, 7)
+    feats = model.forward_features(x)
+    assert feats.ndim == 2 and feats.shape[0] == 3
+    # logits, not probabilities: no softmax inside
+    assert not torch.allclose(logits.exp().sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_backward_reaches_every_parameter(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} got a zero gradient"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checkpoint_round_trip_gives_identical_outputs(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    # a non-default state (BatchNorm running stats included) must survive the trip
+    model.train()
+    model(torch.randn(16, 1, 28, 28))
+    model.eval()
+    meta = dict(model=name, model_kwargs={}, in_chans=1, num_classes=10, step=0)
+    save_checkpoint(tmp_path / "c.safetensors", model, meta)
+    loaded, meta2 = load_model(tmp_path / "c.safetensors")
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert meta2["model"] == name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_params_and_flops_are_counted(name):
+    model = create_model(name)
+    assert count_params(model) > 1000
+    assert forward_flops(model) >= 2 * 7840  # at least the first linear map's worth
+
+
+def test_unknown_model_and_bad_kwarg_are_user_errors():
+    from mnistlab.errors import UserError
+
+    with pytest.raises(UserError, match="unknown model 'resnet9000'"):
+        create_model("resnet9000")
+    with pytest.raises(UserError, match="colour"):
+        create_model("cnn", colour="blue")
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "softplus", "gelu", "tanh", "sigmoid"])
+def test_mlp_activations(activation):
+    model = create_model("mlp", hidden=[32], activation=activation)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_lenet5_has_the_classic_parameter_count():
+    # C1 156 + C3 2,416 + C5 48,120 + F6 10,164 + output 850 (full C3 table, linear output)
+    assert count_params(create_model("lenet5")) == 61_706

@@ -1,0 +1,243 @@
+"""The training spine: learning floors, exact resume after SIGKILL and Ctrl-C, divergence, flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mnistlab.checkpoint import NonFiniteCheckpoint, save_checkpoint
+from mnistlab.cli import main
+from mnistlab.config import RECIPES, TrainConfig, resolve_config
+from mnistlab.data.batches import augment_batch
+from mnistlab.train import get_lr
+
+# A small, quick configuration on the bundled digits (1,294 train images, 41 steps of 32).
+QUICK_DATA = ["--dataset", "digits", "--batch-size", "32", "--threads", "1"]
+QUICK = [*QUICK_DATA, "--model", "cnn", "--model-arg", "widths=[8,16,32]"]
+QUICK_LINEAR = [*QUICK_DATA, "--model", "linear"]
+
+
+def mnistlab_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mnistlab", *args]
+
+
+def model_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(run_dir / "checkpoint.safetensors").items() if k.startswith("model/")}
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    ta, tb = model_tensors(a), model_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs"
+
+
+@pytest.mark.slow
+def test_cnn_on_digits_passes_accuracy_floor(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--epochs", "12", "--batch-size", "64", "--run-dir", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_accuracy"] >= 0.95, results
+    # the run folder is complete and self-describing
+    assert {"config.json", "env.json", "metrics.jsonl", "checkpoint.safetensors"} <= {p.name for p in run.iterdir()}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 13))
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second"} <= set(
+        records[0])
+    for key in ("test_accuracy", "val_accuracy", "best_val_accuracy", "epochs", "train_seconds", "params"):
+        assert key in results
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp", "lenet5"])
+def test_every_first_model_learns_digits(tmp_path, model):
+    run = tmp_path / model
+    assert main(["train", "--dataset", "digits", "--model", model, "--epochs", "8", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["test_accuracy"] >= 0.85
+
+
+def test_eval_rebuilds_the_model_from_the_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "2", "--run-dir", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
+    assert sum(map(sum, report["confusion"])) == 360
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "confusion matrix" in out and "per" not in out.split("\n")[0]
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(mnistlab_cmd("train", *QUICK, "--epochs", "3", "--augment", "shift", "--run-dir", str(run)),
+                   check=True, capture_output=True)
+    return run
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(mnistlab_cmd("train", *QUICK, "--epochs", "3", "--augment", "shift",
+                                         "--run-dir", str(run)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1)
+    time.sleep(0.3)  # now somewhere inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "results.json").exists()
+    resumed = subprocess.run(mnistlab_cmd("train", "--resume", str(run)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert_bit_identical(run, uninterrupted)
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(mnistlab_cmd("train", *QUICK, "--epochs", "3", "--augment", "shift",
+                                         "--run-dir", str(run)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = run / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    resumed = subprocess.run(mnistlab_cmd("train", "--resume", str(run)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bit_identical(run, uninterrupted)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0
+    before = (run / "checkpoint.safetensors").read_bytes()
+    # continue the same run for another epoch at an absurd learning rate
+    cfg = json.loads((run / "config.json").read_text())
+    cfg.update(epochs=2, lr=1e38, schedule="constant")
+    (run / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "the loss became" in err and "at step" in err and "Traceback" not in err
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_checkpoint_with_nan_is_never_written(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, model, {"step": 1})
+    good = path.read_bytes()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteCheckpoint, match="model/weight"):
+        save_checkpoint(path, model, {"step": 2})
+    assert path.read_bytes() == good
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--optimizer", "adam"],
+                                   ["--augment", "rotate"], ["--label-smoothing", "1.5"], ["--batch-size", "x"],
+                                   ["--model-arg", "width"], ["--schedule", "step"]])
+def test_bad_flag_values_are_argparse_errors(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *flags])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_unknown_model_is_exit_2_before_loading_data(capsys):
+    assert main(["train", "--model", "resnet9000", "--dataset", "kmnist", "--offline"]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_flags(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--lr", "0.1"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0
+    assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_recipe_precedence():
+    cfg = resolve_config({"recipe": "fast", "lr": 0.01})
+    assert cfg.lr == 0.01  # explicit beats recipe
+    assert cfg.epochs == RECIPES["fast"]["epochs"]  # recipe beats model defaults
+    assert cfg.model_kwargs == RECIPES["fast"]["model_kwargs"]
+    other = resolve_config({"recipe": "fast", "model": "lenet5"})
+    assert other.model_kwargs == {}  # the recipe's CNN options do not leak onto another model
+    assert resolve_config({}).model == "cnn"
+    with pytest.raises(Exception, match="unknown recipe"):
+        resolve_config({"recipe": "slow"})
+
+
+def test_config_round_trips_through_json(tmp_path):
+    cfg = resolve_config({"recipe": "best", "seed": 3})
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    assert TrainConfig.load(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_lr_schedule_warms_up_then_decays(schedule):
+    cfg = TrainConfig(lr=0.1, schedule=schedule, warmup=0.2)
+    lrs = [get_lr(s, 100, cfg) for s in range(100)]
+    assert lrs[:20] == sorted(lrs[:20]) and lrs[19] == pytest.approx(0.1)
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(0.1)
+    else:
+        assert lrs[20:] == sorted(lrs[20:], reverse=True) and lrs[-1] < 0.005
+
+
+def test_shift_augmentation_moves_pixels_by_whole_steps():
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, 0, 14, 14] = 1.0
+    torch.manual_seed(0)
+    out = augment_batch(x, "shift", background=0.0)
+    for img in out[:, 0]:
+        assert img.sum() == 1.0 and img.max() == 1.0  # moved, not blurred
+        r, c = divmod(int(img.argmax()), 28)
+        assert abs(r - 14) <= 2 and abs(c - 14) <= 2
+    assert len({int(i.argmax()) for i in out[:, 0]}) > 5  # and not all the same way
+
+
+def test_affine_augmentation_fills_with_background():
+    x = torch.full((8, 1, 28, 28), -0.5)
+    torch.manual_seed(0)
+    out = augment_batch(x, "affine", background=-0.5)
+    assert torch.allclose(out, x, atol=1e-5)  # a uniform image stays uniform: what enters is background
+
+
+def test_threads_flag_is_honoured_in_env(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "env.json").read_text())["torch_threads"] == 1
+    assert os.path.exists(run / "results.json")
