@@ -195,8 +195,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from mnistlab.checkpoint import CHECKPOINT, load_model
     from mnistlab.config import TrainConfig
     from mnistlab.data.dataset import load_dataset
@@ -230,7 +228,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("    " + "".join(f"{j:>6}" for j in range(k)))
     for i in range(k):
         print(f"{i:>3} " + "".join(f"{int(v):>6}" for v in cm[i].tolist()))
-    del torch
     return 0
 
 

@@ -53,11 +53,13 @@ def tune_allocator() -> None:
 
     By default glibc serves blocks above 128 KiB with mmap and gives them back on free, so every
     step pays page faults to re-zero the same activation memory; raising the mmap and trim
-    thresholds made CNN training about 30-80% faster on the reference 2-core CPU (bench/speed.py).
+    thresholds made CNN training 30-80% faster on the reference 2-core CPU (bench/speed.py).
     mallopt is glibc's runtime equivalent of MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_;
-    elsewhere this does nothing. An explicitly set environment variable wins.
+    elsewhere this does nothing. An explicitly set MALLOC_ variable wins, and MNISTLAB_ALLOCATOR=default
+    turns this off (bench/speed.py measures both).
     """
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if (sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ
+            or os.environ.get("MNISTLAB_ALLOCATOR") == "default"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")

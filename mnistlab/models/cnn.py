@@ -2,7 +2,7 @@
 
 Three stages at 28 (or 14), 14 and 7 pixels, each `depth` conv-BN-ReLU blocks wide `widths[i]`.
 BatchNorm lets a one-cycle schedule use large learning rates, so a few epochs suffice. Shaped by
-measurements on a 2-core CPU (bench/speed_cnn.py):
+measurements on a 2-core CPU (bench/speed.py for speed, the README for accuracy):
 - `stem_stride=2` runs the first conv at stride 2 instead of conv + max-pool at full resolution:
   the 28x28 stage costs more in memory traffic than it gives in accuracy (about 25% faster).
 - `head="flatten"` keeps the final 3x3 map's layout (max-pool 7 -> 3, flatten) instead of global
