@@ -138,6 +138,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _step_list(text: str) -> list[int]:
+    try:
+        steps = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
+    if not steps or steps[0] < 0:
+        raise argparse.ArgumentTypeError("steps must be >= 0")
+    return steps
+
+
 def _model_arg(text: str) -> tuple[str, object]:
     import json
 
@@ -153,7 +163,8 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "epochs", "batch_size", "lr",
                "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip", "augment", "hflip",
-               "seed", "deterministic", "device", "threads", "eval_batch_size", "run_dir", "recipe")
+               "grad_flow", "grad_flow_steps", "seed", "deterministic", "device", "threads", "eval_batch_size",
+               "run_dir", "recipe")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -163,8 +174,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     explicit = {k: getattr(args, k, None) for k in TRAIN_FLAGS}
     explicit["model_kwargs"] = dict(args.model_arg or [])
+    if args.seq is not None:
+        explicit["model_kwargs"]["seq"] = args.seq
     explicit["offline"] = args.offline or None
     explicit["deterministic"] = args.deterministic or None
+    explicit["grad_flow"] = args.grad_flow or None
     if args.resume:
         run_dir = Path(args.resume)
         given = [k for k, v in explicit.items() if v not in (None, {}) and k not in ("device", "threads")]
@@ -185,6 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mnistlab.models import model_entry
 
         model_entry(cfg.model)  # an unknown name fails here, before any data is loaded
+        if "seq" in cfg.model_kwargs and cfg.model not in ("rnn", "gru", "lstm"):
+            raise UserError(f"--seq applies to rnn, gru and lstm, not {cfg.model}")
     from mnistlab.train import train
 
     train(cfg, resume=bool(args.resume))
@@ -247,6 +263,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_grad_flow(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mnistlab import gradflow, plots
+
+    run_dir = Path(args.run_dir)
+    records = gradflow.read(run_dir)
+    if not records:
+        raise UserError(f"{run_dir}: grad_flow.jsonl is empty (did the run reach a recorded step?)")
+    cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    seq = cfg.get("model_kwargs", {}).get("seq", "rows" if cfg.get("model") in ("rnn", "gru", "lstm") else "")
+    title = f"{cfg.get('model', '?')} {('--seq ' + seq) if seq else ''} on {cfg.get('dataset', '?')}"
+    out = plots.grad_flow(records, args.output, title=title)
+    last = records[-1].get("time_grad_norm")
+    if last:
+        ratio = last[0] / last[-1]
+        print(f"step {records[-1]['step']}: ||dL/dh_1|| / ||dL/dh_T|| = {ratio:.3e} over {len(last)} time steps")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnistlab",
@@ -271,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-size", type=int, help="validation images carved from train (default: 5000)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="a name from `mnistlab models` (default: cnn)")
+    g.add_argument("--seq", choices=("rows", "pixels", "permuted"),
+                   help="rnn/gru/lstm: read 28 rows, 784 pixels, or 784 pixels in a seeded fixed order")
     g.add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE",
                    help="a model option, repeatable: --model-arg widths=[16,32,64] --model-arg activation=gelu")
     g = p.add_argument_group("optimisation")
@@ -294,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="force deterministic kernels (GPU)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="where to train (default: auto)")
     g.add_argument("--threads", type=_positive_int, help="CPU threads (default: one per core)")
+    g.add_argument("--grad-flow", action="store_true",
+                   help="record gradient norms per layer, and per time step for rnn/gru/lstm (grad_flow.jsonl)")
+    g.add_argument("--grad-flow-steps", type=_step_list, metavar="S1,S2,...",
+                   help="steps to record at (default: step 0 and the last step of each epoch)")
     g.add_argument("--eval-batch-size", type=_positive_int, help="images per evaluation batch (default: 1000)")
     g.add_argument("--run-dir", metavar="DIR", help="the run folder (default: runs/<time>-<dataset>-<model>)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
@@ -309,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description")
     p.set_defaults(func=cmd_models)
+
+    plot = sub.add_parser("plot", help="pictures of a run", description="Pictures drawn from a run folder.")
+    psub = plot.add_subparsers(dest="plot_command", required=True, metavar="KIND")
+    p = psub.add_parser("grad-flow", help="gradient norms per time step and per layer (train with --grad-flow)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with --grad-flow")
+    p.add_argument("-o", "--output", default="grad_flow.png", help="PNG file to write (default: grad_flow.png)")
+    p.set_defaults(func=cmd_plot_grad_flow)
 
     data = sub.add_parser("data", help="list, fetch, verify and show datasets",
                           description="Datasets: mnist, fashion-mnist, kmnist (IDX, 60k/10k) and "

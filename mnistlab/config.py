@@ -1,7 +1,8 @@
 """The one configuration of a training run, its per-model defaults, and the named recipes.
 
 Precedence, lowest first: the dataclass defaults, the model's defaults (MODEL_DEFAULTS), the
-recipe (RECIPES), then the flags given on the command line. The resolved config is printed at
+dataset's adjustments (DATASET_DEFAULTS: a small set needs smaller batches and more epochs to take
+enough steps), the recipe (RECIPES), then the flags given on the command line. The resolved config is printed at
 the start of a run and saved as config.json in its folder; `--resume` reads it back.
 """
 
@@ -37,6 +38,9 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     augment: str = "none"  # none, shift (+-2 px) or affine (rotate, scale, shear, shift)
     hflip: str = "off"  # random left-right flips: on, off, or auto (on for mirror-symmetric datasets only)
+    # diagnostics
+    grad_flow: bool = False  # record gradient norms per layer (and per time step for rnn/gru/lstm)
+    grad_flow_steps: list[int] | None = None  # steps to record at; None: step 0 and each epoch's last step
     # reproducibility and hardware
     seed: int = 0
     deterministic: bool = False
@@ -70,6 +74,17 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "lenet5": dict(epochs=8, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4),
     "cnn": dict(epochs=5, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
                 label_smoothing=0.1),
+    # recurrent models: clipping on by default, since an exploding gradient is one of their failure modes
+    "rnn": dict(epochs=8, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
+    "gru": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
+    "lstm": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
+    "vit": dict(epochs=10, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.05, label_smoothing=0.1,
+                schedule="cosine", warmup=0.1, grad_clip=1.0),
+}
+
+# 1,437 digits make 6 steps an epoch at batch 256: too few to learn from. More, smaller steps.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": dict(epochs=15, batch_size=64),
 }
 
 # Named recipes. Each documents what it is for; explicit flags override any of its values.
@@ -103,6 +118,7 @@ def resolve_config(explicit: dict[str, Any]) -> TrainConfig:
         recipe.pop("model_kwargs", None)  # a recipe's model options do not fit another model
     merged: dict[str, Any] = {}
     merged.update(MODEL_DEFAULTS.get(model, {}))
+    merged.update(DATASET_DEFAULTS.get(explicit.get("dataset", recipe.get("dataset", TrainConfig.dataset)), {}))
     merged.update(recipe)
     model_kwargs = dict(merged.get("model_kwargs", {}))
     model_kwargs.update(explicit.pop("model_kwargs", {}))

@@ -17,6 +17,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, out: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write the PNG (making its folder), and free the figure."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
+
+
 def sample_grid(
     images: np.ndarray,
     labels: np.ndarray,
@@ -48,9 +58,44 @@ def sample_grid(
         axes[c, 0].set_ylabel(f"{c}: {classes[c]}", rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
+
+
+def grad_flow(records: list[dict], out: str | Path, *, title: str = "") -> Path:
+    """Per-time-step ||dL/dh_t|| (recurrent models) and per-layer gradient norms, log scale."""
+    plt = _pyplot()
+    has_time = any(r.get("time_grad_norm") for r in records)
+    fig, axes = plt.subplots(1, 2 if has_time else 1, figsize=(13 if has_time else 7, 4.6), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    colors = [cmap(i / max(len(records) - 1, 1)) for i in range(len(records))]
+    ax = axes[0, 0]
+    if has_time:
+        for r, c in zip(records, colors, strict=True):
+            norms = np.asarray(r["time_grad_norm"], dtype=float)
+            ratio = norms[0] / norms[-1] if norms[-1] > 0 else float("nan")
+            ax.semilogy(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-30), color=c,
+                        label=f"step {r['step']}: first/last = {ratio:.1e}")
+        ax.set_xlabel("time step t")
+        ax.set_ylabel("||dLoss / dh_t||")
+        ax.set_title("gradient reaching each time step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax = axes[0, 1]
+    names = list(records[-1]["layer_grad_norm"])
+    y = np.arange(len(names))
+    height = 0.8 / len(records)
+    for i, (r, c) in enumerate(zip(records, colors, strict=True)):
+        vals = [max(r["layer_grad_norm"].get(n, 0.0), 1e-30) for n in names]
+        ax.barh(y + i * height, vals, height=height, color=c, label=f"step {r['step']}")
+    ax.set_xscale("log")
+    ax.set_yticks(y + 0.4 - height / 2)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("||dLoss / dW|| (before clipping)")
+    ax.set_title("gradient reaching each parameter")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    if not has_time:
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out, dpi=110)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mnistlab import gradflow
 from mnistlab.checkpoint import CHECKPOINT, atomic_write_text, load_into, save_checkpoint
 from mnistlab.config import TrainConfig
 from mnistlab.data.batches import augment_batch, epoch_permutation, to_input
@@ -254,6 +255,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
         keep = [ln for ln in metrics_file.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= done]
         metrics_file.write_text("".join(ln + "\n" for ln in keep))
 
+    flow_steps: set[int] = set()
+    if cfg.grad_flow:
+        flow_steps = set(cfg.grad_flow_steps if cfg.grad_flow_steps is not None else
+                         [0, *(e * steps_per_epoch - 1 for e in range(1, cfg.epochs + 1))])
+        flow_file = run_dir / gradflow.GRAD_FLOW_FILE
+        kept = [r for r in gradflow.read(run_dir) if r["step"] < step] if step and flow_file.exists() else []
+        flow_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop records a resume will redo
     background = (0.0 - ds.mean) / ds.std  # normalised value of a black pixel
     hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and get_spec(ds.name).mirror_symmetric
                                    if ds.name in DATASETS else False)
@@ -293,6 +301,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if step in flow_steps:  # raw gradients, before clipping: clipping would hide an explosion
+                    gradflow.record(run_dir, step, model, x, y)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()

@@ -42,15 +42,15 @@ def assert_bit_identical(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cnn_on_digits_passes_accuracy_floor(tmp_path):
+def test_cnn_on_digits_with_no_other_flags_passes_accuracy_floor(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "digits", "--epochs", "12", "--batch-size", "64", "--run-dir", str(run)]) == 0
+    assert main(["train", "--dataset", "digits", "--run-dir", str(run)]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["test_accuracy"] >= 0.95, results
     # the run folder is complete and self-describing
     assert {"config.json", "env.json", "metrics.jsonl", "checkpoint.safetensors"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(1, 13))
+    assert [r["epoch"] for r in records] == list(range(1, 16))
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second"} <= set(
         records[0])
     for key in ("test_accuracy", "val_accuracy", "best_val_accuracy", "epochs", "train_seconds", "params"):
@@ -62,7 +62,7 @@ def test_cnn_on_digits_passes_accuracy_floor(tmp_path):
 @pytest.mark.parametrize("model", ["linear", "mlp", "lenet5"])
 def test_every_first_model_learns_digits(tmp_path, model):
     run = tmp_path / model
-    assert main(["train", "--dataset", "digits", "--model", model, "--epochs", "8", "--run-dir", str(run)]) == 0
+    assert main(["train", "--dataset", "digits", "--model", model, "--run-dir", str(run)]) == 0
     assert json.loads((run / "results.json").read_text())["test_accuracy"] >= 0.85
 
 
@@ -196,6 +196,9 @@ def test_recipe_precedence():
     other = resolve_config({"recipe": "fast", "model": "lenet5"})
     assert other.model_kwargs == {}  # the recipe's CNN options do not leak onto another model
     assert resolve_config({}).model == "cnn"
+    digits = resolve_config({"dataset": "digits"})
+    assert (digits.batch_size, digits.epochs) == (64, 15)  # a small set gets more, smaller steps
+    assert resolve_config({"dataset": "digits", "batch_size": 16}).batch_size == 16
     with pytest.raises(Exception, match="unknown recipe"):
         resolve_config({"recipe": "slow"})
 

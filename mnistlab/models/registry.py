@@ -40,7 +40,7 @@ def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Mo
 
 def _ensure_loaded() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from mnistlab.models import linear, mlp, lenet, cnn  # noqa: F401, I001  (order = listing order)
+    from mnistlab.models import linear, mlp, lenet, cnn, rnn, vit  # noqa: F401, I001  (order = listing order)
 
 
 def list_models() -> list[str]:
