@@ -280,7 +280,8 @@ def cmd_plot_grad_flow(args: argparse.Namespace) -> int:
     last = records[-1].get("time_grad_norm")
     if last:
         ratio = last[0] / last[-1]
-        print(f"step {records[-1]['step']}: ||dL/dh_1|| / ||dL/dh_T|| = {ratio:.3e} over {len(last)} time steps")
+        text = f"{ratio:.3e}" if ratio > 0 else "exactly 0 (the gradient died out before the first step)"
+        print(f"step {records[-1]['step']}: ||dL/dh_1|| / ||dL/dh_T|| = {text} over {len(last)} time steps")
     print(f"wrote {out}")
     return 0
 

@@ -75,7 +75,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn": dict(epochs=5, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
                 label_smoothing=0.1),
     # recurrent models: clipping on by default, since an exploding gradient is one of their failure modes
-    "rnn": dict(epochs=8, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
+    "rnn": dict(epochs=8, batch_size=128, lr=3e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
     "gru": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
     "lstm": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
     "vit": dict(epochs=10, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.05, label_smoothing=0.1,

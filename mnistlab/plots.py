@@ -73,8 +73,10 @@ def grad_flow(records: list[dict], out: str | Path, *, title: str = "") -> Path:
         for r, c in zip(records, colors, strict=True):
             norms = np.asarray(r["time_grad_norm"], dtype=float)
             ratio = norms[0] / norms[-1] if norms[-1] > 0 else float("nan")
-            ax.semilogy(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-30), color=c,
-                        label=f"step {r['step']}: first/last = {ratio:.1e}")
+            # exact zeros (saturated units or float64 underflow) cannot be drawn on a log axis: gaps
+            ratio_text = f"{ratio:.1e}" if ratio > 0 else "0 (died out before t=1)"
+            ax.semilogy(np.arange(1, len(norms) + 1), np.where(norms > 0, norms, np.nan), color=c,
+                        label=f"step {r['step']}: first/last = {ratio_text}")
         ax.set_xlabel("time step t")
         ax.set_ylabel("||dLoss / dh_t||")
         ax.set_title("gradient reaching each time step")

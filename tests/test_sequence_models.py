@@ -141,3 +141,22 @@ def test_flops_count_recurrent_and_attention_matmuls():
                 + 2 * tokens * 32 * 64 * 2  # the MLP
                 + 2 * 32 * 10)  # head
     assert forward_flops(vit) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, floor", [("rnn", 0.70), ("gru", 0.85), ("lstm", 0.90), ("vit", 0.85)])
+def test_sequence_models_and_vit_learn_digits_with_defaults(tmp_path, model, floor):
+    """Measured with these defaults: rnn 83.6%, gru 93.1%, lstm 97.2%, vit 94.2% (seed 0)."""
+    run = tmp_path / model
+    assert main(["train", "--dataset", "digits", "--model", model, "--run-dir", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["test_accuracy"] >= floor
+
+
+def test_permuted_order_is_used_by_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--model", "gru", "--seq", "permuted", "--model-arg", "hidden=16",
+                 "--epochs", "1", "--seed", "5", "--run-dir", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
