@@ -160,3 +160,12 @@ def test_permuted_order_is_used_by_eval(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
+
+
+def test_scaled_norm_survives_where_the_sum_of_squares_underflows():
+    from mnistlab.gradflow import scaled_norm
+
+    g = torch.tensor([3e-200, 4e-200], dtype=torch.float64)
+    assert g.norm().item() == 0.0  # the naive way loses it
+    assert scaled_norm(g) == pytest.approx(5e-200, rel=1e-12)
+    assert scaled_norm(torch.zeros(3)) == 0.0
