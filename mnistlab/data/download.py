@@ -140,8 +140,10 @@ def download_file(
                     bar.close()
                 part.unlink(missing_ok=True)
             break
+    counted = {f: failures.count(f) for f in failures}  # one line per distinct failure, in order
+    lines = [f + (f" (x{n})" if n > 1 else "") for f, n in counted.items()]
     raise DownloadError(
-        f"could not download {final.name} from any mirror:\n  " + "\n  ".join(failures)
+        f"could not download {final.name} from any mirror:\n  " + "\n  ".join(lines)
         + "\nOffline choices: --dataset digits (bundled), apt-get install dataset-fashion-mnist, "
         "or --data-dir DIR with the four IDX files."
     )
