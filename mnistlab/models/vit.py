@@ -65,7 +65,7 @@ class ViT(nn.Module):
         in_chans: int = 1,
         num_classes: int = 10,
         img_size: int = 28,
-        patch: int = 4,
+        patch: int = 7,
         dim: int = 64,
         depth: int = 4,
         heads: int = 4,
