@@ -170,6 +170,7 @@ TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwa
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mnistlab.checkpoint import CHECKPOINT
     from mnistlab.config import TrainConfig, resolve_config
 
     explicit = {k: getattr(args, k, None) for k in TRAIN_FLAGS}
@@ -191,16 +192,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.run_dir = str(run_dir)
         cfg.device = args.device or cfg.device
         cfg.threads = args.threads or cfg.threads
-        if not (run_dir / "checkpoint.safetensors").is_file():
+        if not (run_dir / CHECKPOINT).is_file():
             raise UserError(f"--resume {run_dir}: no checkpoint yet (it stopped before its first epoch ended); "
                             "start it again without --resume")
     else:
         cfg = resolve_config(explicit)
-        from mnistlab.models import model_entry
+        from mnistlab.models import create_model, model_entry
 
         model_entry(cfg.model)  # an unknown name fails here, before any data is loaded
         if "seq" in cfg.model_kwargs and cfg.model not in ("rnn", "gru", "lstm"):
             raise UserError(f"--seq applies to rnn, gru and lstm, not {cfg.model}")
+        create_model(cfg.model, **cfg.model_kwargs)  # and so does a bad --model-arg
     from mnistlab.train import train
 
     train(cfg, resume=bool(args.resume))

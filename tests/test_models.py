@@ -70,6 +70,8 @@ def test_unknown_model_and_bad_kwarg_are_user_errors():
         create_model("resnet9000")
     with pytest.raises(UserError, match="colour"):
         create_model("cnn", colour="blue")
+    with pytest.raises(UserError, match="unknown activation 'swish'"):
+        create_model("mlp", activation="swish")
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "softplus", "gelu", "tanh", "sigmoid"])

@@ -176,6 +176,12 @@ def test_unknown_model_is_exit_2_before_loading_data(capsys):
     assert "unknown model 'resnet9000'" in capsys.readouterr().err
 
 
+def test_bad_model_arg_is_exit_2_before_loading_data(capsys):
+    assert main(["train", "--model", "mlp", "--model-arg", "activation=swish", "--dataset", "kmnist",
+                 "--offline"]) == 2
+    assert "unknown activation 'swish'" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_flags(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--lr", "0.1"]) == 2
     assert "drop --lr" in capsys.readouterr().err

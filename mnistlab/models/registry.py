@@ -62,5 +62,5 @@ def create_model(name: str, in_chans: int = 1, num_classes: int = 10, **kwargs) 
     entry = model_entry(name)
     try:
         return entry.factory(in_chans=in_chans, num_classes=num_classes, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown keyword, or a value the model rejects
         raise UserError(f"model {name!r}: {e}") from e
