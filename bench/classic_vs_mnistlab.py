@@ -19,9 +19,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from common import run_train
 
 
 def classic_main(dataset: str, epochs: int, seed: int) -> None:
@@ -128,11 +128,7 @@ def main() -> None:
         print(f"classic  ({args.epochs} epochs): test accuracy {r['test_accuracy']:.2%}, wall {wall:.1f} s "
               f"(training {r['train_seconds']:.1f} s at {r['images_per_second']:,.0f} images/s)", flush=True)
     if args.only in (None, "mnistlab"):
-        with tempfile.TemporaryDirectory() as tmp:
-            run_dir = Path(tmp) / "run"
-            wall, _ = run_timed([sys.executable, "-m", "mnistlab", "train", "--recipe", args.recipe,
-                                 "--dataset", args.dataset, "--seed", str(args.seed), "--run-dir", str(run_dir)])
-            r = json.loads((run_dir / "results.json").read_text())
+        r, wall, _ = run_train(["--recipe", args.recipe, "--dataset", args.dataset, "--seed", str(args.seed)])
         results["mnistlab"] = (r["test_accuracy"], wall)
         print(f"mnistlab (--recipe {args.recipe}): test accuracy {r['test_accuracy']:.2%}, wall {wall:.1f} s "
               f"(training {r['train_seconds']:.1f} s, {r['epochs']} epochs)", flush=True)

@@ -10,13 +10,9 @@ gives its test accuracy, training seconds (the loop alone) and wall seconds (the
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
+
+from common import run_train
 
 ROWS = [
     "mnistlab train --dataset digits",
@@ -37,19 +33,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for i in args.rows if args.rows is not None else range(len(ROWS)):
         cmd = ROWS[i]
-        with tempfile.TemporaryDirectory() as tmp:
-            run = Path(tmp) / "run"
-            argv = [sys.executable, "-m", "mnistlab", *shlex.split(cmd)[1:], "--run-dir", str(run)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                print(f"| failed | | | | | `{cmd}`: {proc.stderr.strip().splitlines()[-1]} |", flush=True)
-                continue
-            r = json.loads((run / "results.json").read_text())
+        try:
+            r, wall, _ = run_train(shlex.split(cmd)[2:])
+        except RuntimeError as e:
+            print(f"| failed | | | | | `{cmd}`: {e} |", flush=True)
+            continue
         print(f"| {r['dataset']} | {r['model']} | {r['test_accuracy']:.2%} | {r['train_seconds']:.0f} s "
               f"| {wall:.0f} s | `{cmd}` |", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -11,12 +11,9 @@ with the model's default settings. Prints test accuracy, images/s, epochs and wa
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
+
+from common import run_train
 
 
 def probe_rate(name: str, batch: int, steps: int = 6) -> float:
@@ -56,22 +53,15 @@ def main() -> None:
         rate = probe_rate(name, batch)
         # evaluation passes and start-up take a few percent; leave them room inside the budget
         epochs = max(1, int(0.93 * args.budget * rate / args.train_size))
-        with tempfile.TemporaryDirectory() as tmp:
-            run = Path(tmp) / "run"
-            cmd = [sys.executable, "-m", "mnistlab", "train", "--dataset", args.dataset, "--model", name,
-                   "--epochs", str(epochs), "--run-dir", str(run)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                print(f"| {name} | failed: {proc.stderr.strip().splitlines()[-1]} | | | | | |", flush=True)
-                continue
-            r = json.loads((run / "results.json").read_text())
-            seen = [json.loads(line)["images_per_second"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        print(f"| {name} | {r['test_accuracy']:.2%} | {sum(seen) / len(seen):,.0f} | {epochs} | "
+        try:
+            r, wall, metrics = run_train(["--dataset", args.dataset, "--model", name, "--epochs", str(epochs)])
+        except RuntimeError as e:
+            print(f"| {name} | {e} | | | | | |", flush=True)
+            continue
+        rate = sum(m["images_per_second"] for m in metrics) / len(metrics)
+        print(f"| {name} | {r['test_accuracy']:.2%} | {rate:,.0f} | {epochs} | "
               f"{r['train_seconds']:.0f} s | {wall:.0f} s | `mnistlab train --dataset {args.dataset} --model {name} "
               f"--epochs {epochs}` |", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,29 @@
+"""What the bench scripts share: run `mnistlab train` as a user would, and read its run folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_train(args: list[str]) -> tuple[dict, float, list[dict]]:
+    """Run `mnistlab train ARGS` in a fresh process with a temporary run folder.
+
+    Returns (results.json, wall seconds of the whole process, metrics.jsonl records); a failed run
+    raises RuntimeError with the last line it printed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "mnistlab", "train", *args, "--run-dir", str(run)],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"mnistlab train {' '.join(args)} failed ({proc.returncode}): {last}")
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        return json.loads((run / "results.json").read_text()), wall, metrics
