@@ -36,7 +36,7 @@ from mnistlab.checkpoint import CHECKPOINT, atomic_write_text, load_into, save_c
 from mnistlab.config import TrainConfig
 from mnistlab.data.batches import augment_batch, epoch_permutation, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
-from mnistlab.data.registry import DATASETS, get_spec
+from mnistlab.data.registry import DATASETS
 from mnistlab.errors import UserError
 from mnistlab.evaluate import evaluate
 from mnistlab.models import create_model
@@ -263,8 +263,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
         kept = [r for r in gradflow.read(run_dir) if r["step"] < step] if step and flow_file.exists() else []
         flow_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop records a resume will redo
     background = (0.0 - ds.mean) / ds.std  # normalised value of a black pixel
-    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and get_spec(ds.name).mirror_symmetric
-                                   if ds.name in DATASETS else False)
+    symmetric = ds.name in DATASETS and DATASETS[ds.name].mirror_symmetric  # a --data-dir folder: unknown, no
+    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and symmetric)
     if cfg.hflip == "auto":
         log(f"--hflip auto: random left-right flips {'on' if hflip else 'off'} for {ds.name}")
     model.train()
