@@ -163,7 +163,7 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "epochs", "batch_size", "lr",
                "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip", "augment", "hflip",
-               "grad_flow", "grad_flow_steps", "seed", "deterministic", "device", "threads", "eval_batch_size",
+               "tta", "grad_flow", "grad_flow_steps", "seed", "deterministic", "device", "threads", "eval_batch_size",
                "run_dir", "recipe")
 
 
@@ -226,7 +226,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ds = load_dataset(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, offline=args.offline or cfg.offline,
                       val_size=cfg.val_size)
     images, labels = ds.split(args.split)
-    result = evaluate(model, images, labels, meta["mean"], meta["std"])
+    tta = meta.get("hflip_tta", False) if args.tta == "auto" else args.tta == "on"
+    result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta)
     cm = result.confusion(len(ds.classes))
     per_class = per_class_accuracy(cm)
     if args.json:
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched on-device augmentation: random +-2 px shifts, or affine warps")
     g.add_argument("--hflip", choices=("off", "on", "auto"),
                    help="random left-right flips; auto: only for mirror-symmetric datasets (fashion-mnist)")
+    g.add_argument("--tta", choices=("off", "on", "auto"),
+                   help="evaluate on each image and its mirror image, averaging probabilities; "
+                        "auto (default): when training used flips")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="seeds weights, order, dropout and augmentation (default: 0)")
     g.add_argument("--deterministic", action="store_true", help="force deterministic kernels (GPU)")
@@ -351,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split (default: test)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--tta", choices=("off", "on", "auto"), default="auto",
+                   help="average each image's and its mirror image's probabilities; auto (default): as in training")
     _add_data_source_flags(p)
     p.set_defaults(func=cmd_eval)
 

@@ -38,6 +38,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     augment: str = "none"  # none, shift (+-2 px) or affine (rotate, scale, shear, shift)
     hflip: str = "off"  # random left-right flips: on, off, or auto (on for mirror-symmetric datasets only)
+    tta: str = "auto"  # evaluate on each image and its mirror image: on, off, or auto (on when trained with flips)
     # diagnostics
     grad_flow: bool = False  # record gradient norms per layer (and per time step for rnn/gru/lstm)
     grad_flow_steps: list[int] | None = None  # steps to record at; None: step 0 and each epoch's last step

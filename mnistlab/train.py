@@ -222,8 +222,15 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
 
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    symmetric = ds.name in DATASETS and DATASETS[ds.name].mirror_symmetric  # a --data-dir folder: unknown, no
+    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and symmetric)
+    if cfg.hflip == "auto":
+        log(f"--hflip auto: random left-right flips {'on' if hflip else 'off'} for {ds.name}")
+    tta = cfg.tta == "on" or (cfg.tta == "auto" and hflip)
+    if tta:
+        log("evaluating each image and its mirror image (--tta)")
     meta_base = dict(model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, num_classes=ds.num_classes,
-                     classes=list(ds.classes), mean=ds.mean, std=ds.std, config=asdict(cfg))
+                     classes=list(ds.classes), mean=ds.mean, std=ds.std, config=asdict(cfg), hflip_tta=tta)
     step, best_val, train_seconds = 0, 0.0, 0.0
     resumed: dict[str, Any] = {}  # running sums of a half-done epoch
     if resume:
@@ -263,10 +270,6 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
         kept = [r for r in gradflow.read(run_dir) if r["step"] < step] if step and flow_file.exists() else []
         flow_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop records a resume will redo
     background = (0.0 - ds.mean) / ds.std  # normalised value of a black pixel
-    symmetric = ds.name in DATASETS and DATASETS[ds.name].mirror_symmetric  # a --data-dir folder: unknown, no
-    hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and symmetric)
-    if cfg.hflip == "auto":
-        log(f"--hflip auto: random left-right flips {'on' if hflip else 'off'} for {ds.name}")
     model.train()
     with StopFlag() as stop:
         while step < total_steps:
@@ -327,7 +330,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
                 log(f"interrupted at step {step}/{total_steps}; checkpoint saved. "
                     f"Continue with: mnistlab train --resume {run_dir}")
                 raise KeyboardInterrupt
-            val = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size)
+            val = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size, tta)
             best_val = max(best_val, val.accuracy)
             record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum.item() / max(seen, 1),
                           train_accuracy=correct.item() / max(seen, 1), val_loss=val.loss,
@@ -343,9 +346,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
                     f"Continue with: mnistlab train --resume {run_dir}")
                 raise KeyboardInterrupt
 
-    val = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size)
+    val = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size, tta)
     test = evaluate(model, ds.test_images.to(device), ds.test_labels.to(device), ds.mean, ds.std,
-                    cfg.eval_batch_size)
+                    cfg.eval_batch_size, tta)
     results = dict(dataset=ds.name, model=cfg.model, test_accuracy=test.accuracy, test_loss=test.loss,
                    val_accuracy=val.accuracy, best_val_accuracy=best_val, epochs=cfg.epochs, steps=step,
                    train_seconds=train_seconds, params=n_params, device=str(device))
