@@ -88,15 +88,21 @@ def save_checkpoint(
 ) -> None:
     """Atomically write model (+ optimizer, + extra tensors) and `meta` to one safetensors file."""
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = dict(meta, format_version=FORMAT_VERSION)
+    meta = dict(meta)
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
     for k, v in (extra or {}).items():
         tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
+    write_tensors(path, tensors, meta)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """The checkpoint file itself: refuses non-finite values, writes atomically."""
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteCheckpoint(f"refusing to write a checkpoint with non-finite values in {', '.join(bad[:5])}")
+    meta = dict(meta, format_version=FORMAT_VERSION)
     atomic_write_bytes(path, st_save(tensors, metadata={"mnistlab": json.dumps(meta)}))
 
 

@@ -161,10 +161,10 @@ def _model_arg(text: str) -> tuple[str, object]:
     return key.replace("-", "_"), value
 
 
-TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "epochs", "batch_size", "lr",
-               "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip", "augment", "hflip",
-               "tta", "grad_flow", "grad_flow_steps", "seed", "deterministic", "device", "threads", "eval_batch_size",
-               "run_dir", "recipe")
+TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "engine", "epochs",
+               "batch_size", "lr", "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip",
+               "augment", "hflip", "tta", "grad_flow", "grad_flow_steps", "seed", "deterministic", "device", "threads",
+               "eval_batch_size", "run_dir", "recipe")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -182,6 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     explicit["grad_flow"] = args.grad_flow or None
     if args.resume:
         run_dir = Path(args.resume)
+        if (run_dir / "config.json").is_file() and TrainConfig.load(run_dir / "config.json").engine == "scratch":
+            raise UserError(f"--resume {run_dir}: a scratch-engine run cannot be resumed (the torch engine's can)")
         given = [k for k, v in explicit.items() if v not in (None, {}) and k not in ("device", "threads")]
         if given:
             raise UserError(f"--resume continues with the run's saved config; drop "
@@ -197,6 +199,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "start it again without --resume")
     else:
         cfg = resolve_config(explicit)
+        if cfg.engine == "scratch":
+            from mnistlab.scratch import train as scratch_train
+
+            scratch_train.check_supported(cfg)
+            scratch_train.train(cfg)
+            return 0
         from mnistlab.models import create_model, model_entry
 
         model_entry(cfg.model)  # an unknown name fails here, before any data is loaded
@@ -289,6 +297,30 @@ def cmd_plot_grad_flow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from mnistlab.labs import LABS, load_lab
+
+    if args.topic is None:
+        width = max(len(t) for t in LABS)
+        print("labs (mnistlab lab TOPIC [-o FIG.png]):")
+        for topic in LABS:
+            print(f"  {topic:<{width}}  {load_lab(topic).TITLE}")
+        return 0
+    lab = load_lab(args.topic)
+    out = Path(args.output) if args.output else Path(f"lab_{args.topic.replace('-', '_')}.png")
+    print(f"lab {args.topic}: {lab.TITLE}", flush=True)
+    t0 = time.perf_counter()
+    checks = lab.run(out)
+    for check in checks:
+        print(check.line())
+    failed = sum(not c.passed for c in checks)
+    print(f"{len(checks) - failed}/{len(checks)} checks passed in {time.perf_counter() - t0:.1f}s; figure: {out}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnistlab",
@@ -313,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-size", type=int, help="validation images carved from train (default: 5000)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="a name from `mnistlab models` (default: cnn)")
+    g.add_argument("--engine", choices=("torch", "scratch"),
+                   help="torch (default), or scratch: mnistlab's own numpy autograd engine (mlp and cnn)")
     g.add_argument("--seq", choices=("rows", "pixels", "permuted"),
                    help="rnn/gru/lstm: read 28 rows, 784 pixels, or 784 pixels in a seeded fixed order")
     g.add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE",
@@ -369,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with --grad-flow")
     p.add_argument("-o", "--output", default="grad_flow.png", help="PNG file to write (default: grad_flow.png)")
     p.set_defaults(func=cmd_plot_grad_flow)
+
+    from mnistlab.labs import LABS
+
+    p = sub.add_parser("lab", help="the notes' principles, runnable: checks and a figure",
+                       description="Run a lab: it prints what it verified (PASS/FAIL with numbers) and draws a "
+                                   "figure. Without TOPIC: list the labs. Exit status 1 if a check failed.")
+    p.add_argument("topic", nargs="?", choices=list(LABS), metavar="TOPIC", help=", ".join(LABS))
+    p.add_argument("-o", "--output", help="PNG file for the figure (default: lab_<topic>.png)")
+    p.set_defaults(func=cmd_lab)
 
     data = sub.add_parser("data", help="list, fetch, verify and show datasets",
                           description="Datasets: mnist, fashion-mnist, kmnist (IDX, 60k/10k) and "

@@ -26,6 +26,7 @@ class TrainConfig:
     # model
     model: str = "cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine: str = "torch"  # torch, or scratch: the numpy engine of mnistlab.scratch (mlp and cnn)
     # optimisation
     epochs: int = 5
     batch_size: int = 128
