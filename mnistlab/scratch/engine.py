@@ -274,11 +274,15 @@ class Tensor:
         return out
 
     def relu(self) -> Tensor:
-        return self.leaky_relu(0.0)
+        pos = self.data > 0
+        out = self._result(np.maximum(self.data, 0), (self,), "relu")
+        if out.requires_grad:
+            out._backward = lambda g: self._accumulate(g * pos)  # 1 where x > 0, else 0 (also at 0, as torch)
+        return out
 
     def leaky_relu(self, slope: float = 0.01) -> Tensor:
         pos = self.data > 0
-        out = self._result(np.where(pos, self.data, self.data * slope), (self,), "relu" if slope == 0 else "leaky_relu")
+        out = self._result(np.where(pos, self.data, self.data * slope), (self,), "leaky_relu")
         if out.requires_grad:
             # derivative 1 or `slope`; at exactly 0 we take the left side, as torch does
             out._backward = lambda g: self._accumulate(np.where(pos, g, g * slope))
