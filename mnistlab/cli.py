@@ -221,30 +221,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import torch
+
     from mnistlab.checkpoint import CHECKPOINT, load_model
     from mnistlab.config import TrainConfig
     from mnistlab.data.dataset import load_dataset
-    from mnistlab.evaluate import evaluate, per_class_accuracy
+    from mnistlab.evaluate import EvalResult, evaluate, per_class_accuracy
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
-    model, meta = load_model(run_dir / CHECKPOINT)
+    cfg = TrainConfig.load(run_dir / "config.json")
+    if cfg.engine == "scratch":
+        from mnistlab.scratch import train as scratch_train
+
+        model, meta = scratch_train.load_model(run_dir / CHECKPOINT)
+    else:
+        model, meta = load_model(run_dir / CHECKPOINT)
     cfg = TrainConfig.from_dict(meta["config"])
     ds = load_dataset(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, offline=args.offline or cfg.offline,
                       val_size=cfg.val_size)
     images, labels = ds.split(args.split)
-    tta = meta.get("hflip_tta", False) if args.tta == "auto" else args.tta == "on"
-    result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta)
+    if cfg.engine == "scratch":
+        if args.tta == "on":
+            raise UserError("--tta: the scratch engine evaluates plain images only")
+        loss, accuracy, preds = scratch_train.evaluate(model, images.numpy(), labels.numpy(), meta["mean"],
+                                                       meta["std"])
+        result = EvalResult(loss, accuracy, torch.from_numpy(preds), labels)
+    else:
+        tta = meta.get("hflip_tta", False) if args.tta == "auto" else args.tta == "on"
+        result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta)
     cm = result.confusion(len(ds.classes))
     per_class = per_class_accuracy(cm)
     if args.json:
         print(json.dumps(dict(run_dir=str(run_dir), split=args.split, dataset=ds.name, model=meta["model"],
+                              engine=cfg.engine,
                               step=meta["step"], accuracy=result.accuracy, loss=result.loss,
                               per_class_accuracy=dict(zip(ds.classes, per_class.tolist(), strict=True)),
                               confusion=cm.tolist()), indent=2))
         return 0
-    print(f"{run_dir}: {meta['model']} on {ds.name} {args.split} ({len(labels):,} images), step {meta['step']}")
+    engine = " (scratch engine)" if cfg.engine == "scratch" else ""
+    print(f"{run_dir}: {meta['model']}{engine} on {ds.name} {args.split} ({len(labels):,} images), step {meta['step']}")
     print(f"accuracy {result.accuracy:.2%}   loss {result.loss:.4f}\n")
     name_w = max(len(c) for c in ds.classes)
     print(f"{'class':<{name_w + 4}}  accuracy")

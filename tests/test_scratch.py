@@ -7,6 +7,7 @@ same formula, looser where we approximate (erf in gelu).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -315,3 +316,51 @@ def test_100_training_steps_follow_torchs_loss_curve(kind, opt):
         theirs.append(tloss.item())
     np.testing.assert_allclose(ours, theirs, atol=1e-8, rtol=1e-8)
     assert ours[-1] < 0.9 * ours[0]  # and it learns
+
+
+# ---- mnistlab train --engine scratch --------------------------------------------------------
+
+def test_scratch_engine_trains_mlp_on_digits_and_writes_the_same_run_folder(tmp_path, capsys):
+    from mnistlab.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--engine", "scratch", "--model", "mlp", "--dataset", "digits", "--run-dir", str(run)]
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["engine"] == "scratch" and results["test_accuracy"] >= 0.93, results
+    assert {"config.json", "env.json", "metrics.jsonl", "checkpoint.safetensors"} <= {p.name for p in run.iterdir()}
+    assert json.loads((run / "config.json").read_text())["engine"] == "scratch"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == results["epochs"] and records[-1]["val_accuracy"] > 0.9
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0  # eval rebuilds the scratch model from the folder alone
+    report = json.loads(capsys.readouterr().out)
+    assert report["engine"] == "scratch"
+    assert report["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
+
+
+def test_scratch_engine_trains_a_small_cnn_on_digits(tmp_path):
+    from mnistlab.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--engine", "scratch", "--model", "cnn", "--dataset", "digits", "--epochs", "6",
+                 "--model-arg", "widths=[8,16]", "--model-arg", "hidden=64", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["test_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("flags", [["--model", "vit"], ["--model", "mlp", "--augment", "shift"],
+                                   ["--model", "mlp", "--device", "cuda"],
+                                   ["--model", "mlp", "--model-arg", "depth=3"]])
+def test_scratch_engine_refuses_what_it_lacks_with_exit_2(flags, capsys):
+    from mnistlab.cli import main
+
+    assert main(["train", "--engine", "scratch", "--dataset", "digits", *flags]) == 2
+    assert "scratch" in capsys.readouterr().err
+
+
+def test_scratch_mlp_and_torch_mlp_share_parameter_names_and_shapes():
+    from mnistlab.models import create_model
+
+    ours = {k: v.shape for k, v in nn.MLP().state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in create_model("mlp").state_dict().items()}
+    assert ours == theirs
