@@ -250,3 +250,39 @@ def test_threads_flag_is_honoured_in_env(tmp_path):
     assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0
     assert json.loads((run / "env.json").read_text())["torch_threads"] == 1
     assert os.path.exists(run / "results.json")
+
+
+def test_flip_tta_averages_an_image_and_its_mirror_image():
+    from mnistlab.evaluate import evaluate
+    from mnistlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", widths=[8, 16, 32]).eval()
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (64,))
+    plain = evaluate(model, images, labels, 0.3, 0.35)
+    tta = evaluate(model, images, labels, 0.3, 0.35, hflip_tta=True)
+    mirrored = evaluate(model, images.flip(-1), labels, 0.3, 0.35, hflip_tta=True)
+    assert torch.equal(tta.predictions, mirrored.predictions)  # both views, in either order
+    assert abs(tta.loss - mirrored.loss) < 1e-5
+    assert tta.loss != plain.loss
+    # the loss is the cross-entropy of the mean probability of the two views
+    with torch.no_grad():
+        from mnistlab.data.batches import to_input
+
+        x = to_input(images, 0.3, 0.35)
+        p = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+    assert tta.loss == pytest.approx(-p[torch.arange(64), labels].log().mean().item(), rel=1e-5)
+
+
+def test_tta_follows_training_flips_and_eval_can_override_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--hflip", "on", "--run-dir", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    reports = {}
+    for mode in ("auto", "on", "off"):
+        assert main(["eval", str(run), "--json", "--tta", mode]) == 0
+        reports[mode] = json.loads(capsys.readouterr().out)
+    assert reports["auto"]["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
+    assert reports["auto"]["loss"] == reports["on"]["loss"] != reports["off"]["loss"]
