@@ -197,28 +197,50 @@ def finite_difference(f, a, eps=1e-6):
     return g
 
 
-@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus", "gelu", "log_softmax", "conv2d", "cross_entropy",
-                                  "matmul_broadcast"])
+_W = np.random.default_rng(1).standard_normal((3, 3, 3, 3))
+_B = np.random.default_rng(2).standard_normal((6, 2))
+FD_CASES = {  # name: (input shape, scalar-or-tensor function of one Tensor)
+    "add_broadcast": ((4, 6), lambda x: x + tensor(_B[:, 0])),
+    "sub": ((4, 6), lambda x: 1.5 - x),
+    "mul": ((4, 6), lambda x: x * x * 0.5),
+    "div": ((4, 6), lambda x: x / (x * x + 1.0)),
+    "neg": ((4, 6), lambda x: -x),
+    "pow": ((4, 6), lambda x: x**3),
+    "exp": ((4, 6), lambda x: x.exp()),
+    "log": ((4, 6), lambda x: (x * x + 1.0).log()),
+    "relu": ((4, 6), lambda x: x.relu()),
+    "leaky_relu": ((4, 6), lambda x: x.leaky_relu(0.1)),
+    "sigmoid": ((4, 6), lambda x: x.sigmoid()),
+    "tanh": ((4, 6), lambda x: x.tanh()),
+    "softplus": ((4, 6), lambda x: x.softplus()),
+    "gelu": ((4, 6), lambda x: x.gelu()),
+    "log_softmax": ((4, 6), lambda x: x.log_softmax(-1)),
+    "sum": ((4, 6), lambda x: x.sum(0)),
+    "mean": ((4, 6), lambda x: x.mean(1, keepdims=True)),
+    "max": ((4, 6), lambda x: x.max(1)),
+    "reshape_transpose": ((4, 6), lambda x: x.reshape(2, 12).T),
+    "index": ((4, 6), lambda x: x[np.array([0, 2, 2])]),
+    "matmul": ((4, 6), lambda x: x @ tensor(_B)),
+    "conv2d": ((2, 3, 5, 5), lambda x: F.conv2d(x, tensor(_W), None, 1, 1)),
+    "conv2d_stride2": ((2, 3, 6, 6), lambda x: F.conv2d(x, tensor(_W), None, 2, 0)),
+    "max_pool2d": ((2, 3, 6, 6), lambda x: F.max_pool2d(x, 2)),
+    "dropout": ((4, 6), lambda x: F.dropout(x, 0.5, True, np.random.default_rng(0))),
+    "cross_entropy": ((4, 6), lambda x: F.cross_entropy(x, np.array([0, 5, 2, 3]), 0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(FD_CASES))
 def test_gradient_matches_central_finite_differences(name):
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((2, 3, 5, 5) if name == "conv2d" else (4, 6))
-    w = rng.standard_normal((3, 3, 3, 3))
-    b6 = rng.standard_normal((6, 2))
-    weights = rng.standard_normal(a.shape if name != "conv2d" else (2, 3, 5, 5))
-    fns = {
-        "conv2d": lambda x: F.conv2d(x, tensor(w), None, 1, 1),
-        "cross_entropy": lambda x: F.cross_entropy(x, np.array([0, 5, 2, 3]), 0.1),
-        "matmul_broadcast": lambda x: x @ tensor(b6),
-    }
-    f = fns.get(name, lambda x: getattr(x, name)())
+    shape, f = FD_CASES[name]
+    a = np.random.default_rng(3).standard_normal(shape)
+    out_shape = f(tensor(a)).shape
+    weights = np.random.default_rng(4).standard_normal(out_shape)  # a random linear functional of the output
 
     def scalar(arr):
-        out = f(tensor(arr))
-        return float((out.data * weights[..., : out.shape[-1]]).sum()) if out.ndim else float(out.data)
+        return float((f(tensor(arr)).data * weights).sum())
 
     x = tensor(a, requires_grad=True)
-    out = f(x)
-    (out * tensor(weights[..., : out.shape[-1]]) if out.ndim else out).sum().backward()
+    (f(x) * tensor(weights)).sum().backward()
     np.testing.assert_allclose(x.grad, finite_difference(scalar, a), atol=1e-6, rtol=1e-5)
 
 

@@ -41,6 +41,9 @@ def augment_batch(
     """
     if mode == "none" and not hflip:
         return x
+    if mode == "none":  # flips alone: a select between x and its mirror image, no resampling needed
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
     b, _, h, w = x.shape
     dev = x.device
     # translation in pixels, then in grid_sample's [-1, 1] units (2 / size per pixel)
