@@ -40,6 +40,8 @@ def check_supported(cfg) -> None:
         problems.append("augmentation (--augment, --hflip, --tta)")
     if cfg.grad_flow:
         problems.append("--grad-flow")
+    if cfg.recipe:
+        problems.append(f"--recipe {cfg.recipe} (recipes are tuned for the torch engine)")
     if cfg.device not in ("auto", "cpu"):
         problems.append(f"--device {cfg.device} (numpy runs on the CPU)")
     if problems:
