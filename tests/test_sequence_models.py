@@ -63,7 +63,7 @@ def test_written_out_attention_equals_torch_sdpa(heads, t, d):
 
 def test_vit_attention_module_equals_sdpa_end_to_end():
     torch.manual_seed(0)
-    vit = create_model("vit", patch=4, dim=32, heads=4, depth=1).double().eval()
+    vit = create_model("vit", patch=4, dim=32, heads=4, depth=1, pool="cls").double().eval()
     attn = vit.blocks[0].attn
     x = torch.randn(2, 50, 32, dtype=torch.float64)
     b, t, dim = x.shape
@@ -79,7 +79,7 @@ def test_vit_mean_pooling_and_patch_sizes():
     model = create_model("vit", patch=7, pool="mean", dim=32, heads=2, depth=2)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert model.pos_embed.shape[1] == 16
-    assert create_model("vit", patch=4).pos_embed.shape[1] == 49 + 1  # 7x7 patches and the class token
+    assert create_model("vit", patch=4, pool="cls").pos_embed.shape[1] == 49 + 1  # 7x7 patches and the class token
 
 
 def _log10_first_to_last(cell: str) -> float:
@@ -134,7 +134,7 @@ def test_flops_count_recurrent_and_attention_matmuls():
 
     lstm = create_model("lstm", hidden=16, seq="rows")
     assert forward_flops(lstm) == 2 * 28 * 4 * 16 * (28 + 16) + 2 * 16 * 10
-    vit = create_model("vit", dim=32, heads=2, depth=1, mlp_ratio=2.0, patch=7)
+    vit = create_model("vit", dim=32, heads=2, depth=1, mlp_ratio=2.0, patch=7, pool="cls")
     tokens = 16 + 1
     expected = (2 * 16 * 32 * 49  # patch embedding: 16 patches, 49 pixels each
                 + 2 * tokens * 32 * 96 + 2 * tokens * 32 * 32  # qkv and output projections

