@@ -99,10 +99,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr=0.2, optimizer="sgd", schedule="onecycle", warmup=0.25, weight_decay=5e-4, label_smoothing=0.1,
         augment="none",
     ),
+    # measured: 93.54% test in 571 s wall on 2 cores (README, "Results"); more epochs of a one-conv-per-stage
+    # network beat fewer epochs of a two-conv one (93.40% in 560 s)
     "best": dict(
         doc="the highest accuracy within 10 CPU-minutes (2 cores)",
-        model="cnn", model_kwargs=dict(widths=[24, 48, 96], stem_stride=2, depth=2, hidden=512),
-        epochs=11, batch_size=256, lr=0.1, optimizer="sgd", schedule="onecycle", warmup=0.2, weight_decay=5e-4,
+        model="cnn", model_kwargs=dict(widths=[32, 64, 128], stem_stride=2, hidden=512),
+        epochs=19, batch_size=256, lr=0.1, optimizer="sgd", schedule="onecycle", warmup=0.2, weight_decay=5e-4,
         label_smoothing=0.1, augment="shift", hflip="auto",
     ),
 }
