@@ -183,6 +183,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def epoch_summary(record: dict[str, Any], epochs: int) -> str:
+    """The one log line of a finished epoch, from its metrics.jsonl record (both engines)."""
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.2%}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}  "
+            f"{record['seconds']:.1f}s  {record['images_per_second']:,.0f} img/s")
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    """Write results.json and say where it is (both engines)."""
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    log(f"test accuracy {results['test_accuracy']:.2%} (loss {results['test_loss']:.4f}), "
+        f"val {results['val_accuracy']:.2%}, {results['train_seconds']:.1f}s of training; "
+        f"results in {run_dir / 'results.json'}")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) the training described by `cfg`; return the contents of results.json."""
     tune_allocator()
@@ -338,9 +353,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
             checkpoint(step)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.2%}  val loss {val.loss:.4f} acc {val.accuracy:.2%}  "
-                f"{seconds:.1f}s  {record['images_per_second']:,.0f} img/s")
+            log(epoch_summary(record, cfg.epochs))
             if stop.requested:
                 log(f"interrupted at the end of epoch {epoch + 1}; checkpoint saved. "
                     f"Continue with: mnistlab train --resume {run_dir}")
@@ -352,7 +365,5 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
     results = dict(dataset=ds.name, model=cfg.model, test_accuracy=test.accuracy, test_loss=test.loss,
                    val_accuracy=val.accuracy, best_val_accuracy=best_val, epochs=cfg.epochs, steps=step,
                    train_seconds=train_seconds, params=n_params, device=str(device))
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    log(f"test accuracy {test.accuracy:.2%} (loss {test.loss:.4f}), val {val.accuracy:.2%}, "
-        f"{train_seconds:.1f}s of training; results in {run_dir / 'results.json'}")
+    write_results(run_dir, results)
     return results

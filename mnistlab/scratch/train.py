@@ -123,7 +123,17 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
     from mnistlab.data.batches import epoch_permutation
     from mnistlab.data.dataset import load_dataset
     from mnistlab.errors import UserError
-    from mnistlab.train import StopFlag, TrainingDiverged, default_run_dir, environment, get_lr, log, step_seed
+    from mnistlab.train import (
+        StopFlag,
+        TrainingDiverged,
+        default_run_dir,
+        environment,
+        epoch_summary,
+        get_lr,
+        log,
+        step_seed,
+        write_results,
+    )
 
     check_supported(cfg)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
@@ -214,9 +224,7 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
                 f.write(json.dumps(record) + "\n")
             save(ckpt_path, model, dict(meta_base, step=step, epoch=epoch + 1, best_val_accuracy=best_val,
                                         train_seconds=train_seconds))
-            log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.2%}  val loss {val_loss:.4f} acc {val_acc:.2%}  "
-                f"{seconds:.1f}s  {record['images_per_second']:,.0f} img/s")
+            log(epoch_summary(record, cfg.epochs))
             if stop.requested:
                 log(f"interrupted in epoch {epoch + 1}; weights saved in {ckpt_path} "
                     "(the scratch engine does not resume)")
@@ -228,9 +236,7 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
     results = dict(dataset=ds.name, model=cfg.model, engine="scratch", test_accuracy=test_acc, test_loss=test_loss,
                    val_accuracy=val_acc, best_val_accuracy=best_val, epochs=cfg.epochs, steps=step,
                    train_seconds=train_seconds, params=n_params, device="cpu (numpy)")
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    log(f"test accuracy {test_acc:.2%} (loss {test_loss:.4f}), val {val_acc:.2%}, "
-        f"{train_seconds:.1f}s of training; results in {run_dir / 'results.json'}")
+    write_results(run_dir, results)
     return results
 
 
