@@ -104,10 +104,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    # fused: one kernel updates every parameter instead of a handful of ops per tensor; on CPU that cut the
+    # ViT's optimizer step from ~6 ms to ~2 ms of a ~40 ms step. CPU and CUDA have fused kernels.
+    fused = True if all(p.device.type in ("cpu", "cuda") for p in model.parameters()) else None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
     raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
@@ -322,7 +325,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
                 if step in flow_steps:  # raw gradients, before clipping: clipping would hide an explosion
                     gradflow.record(run_dir, step, model, x, y)
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    # foreach: all norms in one pass (CPU defaults to one op per tensor plus a cat)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
                 optimizer.step()
                 step += 1
                 loss_sum += loss.detach().double() * len(y)

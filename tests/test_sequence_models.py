@@ -82,6 +82,14 @@ def test_vit_mean_pooling_and_patch_sizes():
     assert create_model("vit", patch=4, pool="cls").pos_embed.shape[1] == 49 + 1  # 7x7 patches and the class token
 
 
+@pytest.mark.parametrize("patch", [4, 7])
+def test_vit_patch_embedding_equals_the_strided_conv(patch):
+    embed = create_model("vit", patch=patch, in_chans=2).patch_embed
+    x = torch.randn(3, 2, 28, 28)
+    conv = F.conv2d(x, embed.weight, embed.bias, stride=patch).flatten(2).transpose(1, 2)  # (B, N, D)
+    torch.testing.assert_close(embed(x), conv, atol=1e-5, rtol=1e-5)
+
+
 def _log10_first_to_last(cell: str) -> float:
     ds = load_dataset("digits")
     x = to_input(ds.train_images[:64], ds.mean, ds.std)

@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mnistlab.models.registry import register_model
 
@@ -43,6 +44,23 @@ def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor
     """softmax(Q K^T / sqrt(d)): dividing by sqrt(d) keeps the logits' variance near 1 for any d,
     so the softmax does not saturate (Vaswani et al. 2017, section 3.2.1)."""
     return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
+
+class PatchEmbed(nn.Conv2d):
+    """A conv with stride = kernel size is one linear map applied to every patch. It is computed as such:
+    cut the image into patches, one matmul. Same numbers as the conv (a test checks), and ~0.5-2 ms less per
+    training step on CPU, where the conv's backward for one input channel is slow. Weights keep the conv's
+    shape (D, C, p, p), so FLOP counting and checkpoints see a Conv2d."""
+
+    def __init__(self, in_chans: int, dim: int, patch: int):
+        super().__init__(in_chans, dim, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.kernel_size[0]
+        gh, gw = h // p, w // p
+        patches = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
+        return F.linear(patches, self.weight.flatten(1), self.bias)  # (B, N, D)
 
 
 class Block(nn.Module):
@@ -78,7 +96,7 @@ class ViT(nn.Module):
             raise ValueError("vit: patch must divide img_size; pool is 'cls' or 'mean'")
         self.pool = pool
         n_patches = (img_size // patch) ** 2
-        self.patch_embed = nn.Conv2d(in_chans, dim, patch, stride=patch)  # (B, D, H/p, W/p)
+        self.patch_embed = PatchEmbed(in_chans, dim, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + (pool == "cls"), dim) * 0.02)
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
@@ -86,7 +104,7 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+        t = self.patch_embed(x)  # (B, N, D), patches in row-major order
         if self.cls_token is not None:
             t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], dim=1)  # (B, 1+N, D)
         return t + self.pos_embed
