@@ -163,8 +163,8 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "engine", "epochs",
                "batch_size", "lr", "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip",
-               "augment", "hflip", "tta", "grad_flow", "grad_flow_steps", "seed", "deterministic", "device", "threads",
-               "eval_batch_size", "run_dir", "recipe")
+               "augment", "erase", "hflip", "tta", "grad_flow", "grad_flow_steps", "seed", "deterministic", "device",
+               "threads", "eval_batch_size", "run_dir", "recipe")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=_positive_float, help="clip the global gradient norm to this value")
     g.add_argument("--augment", choices=("none", "shift", "affine"),
                    help="batched on-device augmentation: random +-2 px shifts, or affine warps")
+    g.add_argument("--erase", type=_fraction, metavar="P",
+                   help="random erasing: blank one random rectangle (2-25%% of the image) with probability P")
     g.add_argument("--hflip", choices=("off", "on", "auto"),
                    help="random left-right flips; auto: only for mirror-symmetric datasets (fashion-mnist)")
     g.add_argument("--tta", choices=("off", "on", "auto"),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from mnistlab import gradflow
 from mnistlab.checkpoint import CHECKPOINT, atomic_write_text, load_into, save_checkpoint
 from mnistlab.config import TrainConfig
-from mnistlab.data.batches import augment_batch, epoch_permutation, to_input
+from mnistlab.data.batches import augment_batch, epoch_permutation, random_erase, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
 from mnistlab.data.registry import DATASETS
 from mnistlab.errors import UserError
@@ -308,6 +308,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 torch.manual_seed(step_seed(cfg.seed, step))  # dropout and augmentation of this step
                 x = augment_batch(to_input(train_x[idx], ds.mean, ds.std), cfg.augment, background, hflip=hflip)
+                x = random_erase(x, cfg.erase, background)
                 y = train_y[idx]
                 lr = get_lr(step, total_steps, cfg)
                 for group in optimizer.param_groups:

@@ -371,6 +371,7 @@ def test_scratch_engine_trains_a_small_cnn_on_digits(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--model", "vit"], ["--model", "mlp", "--augment", "shift"],
+                                   ["--model", "mlp", "--erase", "0.5"],
                                    ["--model", "mlp", "--device", "cuda"],
                                    ["--model", "mlp", "--model-arg", "depth=3"], ["--recipe", "fast"]])
 def test_scratch_engine_refuses_what_it_lacks_with_exit_2(flags, capsys):

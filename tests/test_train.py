@@ -245,6 +245,24 @@ def test_affine_augmentation_fills_with_background():
     assert torch.allclose(out, x, atol=1e-5)  # a uniform image stays uniform: what enters is background
 
 
+def test_random_erasing_blanks_one_rectangle_with_probability_p():
+    from mnistlab.data.batches import random_erase
+
+    x = torch.zeros(2000, 1, 28, 28)
+    torch.manual_seed(0)
+    out = random_erase(x, 0.5, background=-1.0)
+    erased = out[:, 0] == -1.0  # (B, H, W)
+    hit = erased.flatten(1).any(1)
+    assert 0.45 < hit.float().mean() < 0.55  # probability p
+    assert torch.equal(out[~hit], x[~hit])  # the rest untouched
+    for img in erased[hit][:200]:
+        rows, cols = img.any(1).nonzero().flatten(), img.any(0).nonzero().flatten()
+        # one solid rectangle: its bounding box is all erased
+        assert img.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert 0.02 * 784 * 0.5 <= img.sum() <= 0.25 * 784 * 1.5  # area 2-25%, up to rounding
+    assert torch.equal(random_erase(x, 0.0, -1.0), x)
+
+
 def test_threads_flag_is_honoured_in_env(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0

@@ -76,3 +76,33 @@ def augment_batch(
     # grid_sample pads with zeros; shift so that zero is the background, then shift back
     out = F.grid_sample(x - background, grid, mode=interp, padding_mode="zeros", align_corners=False)
     return out + background
+
+
+def random_erase(
+    x: torch.Tensor, p: float, background: float, area: tuple[float, float] = (0.02, 0.25),
+    log_aspect: float = math.log(3.0),
+) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020), batched: with probability p, blank one random rectangle of each
+    image of x (B, C, H, W) to `background`.
+
+    The rectangle covers a fraction of the image drawn from `area`, with an aspect ratio between
+    1/3 and 3 (log-uniform). A model that cannot count on any one region being visible has to use
+    several: a regulariser for models that fit the training set faster than they generalise (the
+    ViT). One mask for the batch, built from broadcast comparisons: no per-image Python.
+    """
+    if p <= 0:
+        return x
+    b, _, h, w = x.shape
+    dev = x.device
+    frac = torch.empty(b, device=dev).uniform_(*area)
+    aspect = torch.exp(torch.empty(b, device=dev).uniform_(-log_aspect, log_aspect))
+    eh = (torch.sqrt(frac * aspect) * h).round().clamp(1, h)  # (B,) rectangle height in pixels
+    ew = (torch.sqrt(frac / aspect) * w).round().clamp(1, w)
+    top = (torch.rand(b, device=dev) * (h - eh + 1)).floor()  # top-left corner, so the rectangle fits
+    left = (torch.rand(b, device=dev) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=dev, dtype=top.dtype)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(w, device=dev, dtype=top.dtype)[None, None, :]  # (1, 1, W)
+    inside = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
+              & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]))  # (B, H, W)
+    erase = inside & (torch.rand(b, device=dev) < p)[:, None, None]
+    return torch.where(erase[:, None], torch.full_like(x, background), x)
