@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 from pathlib import Path
@@ -113,6 +114,19 @@ def test_damaged_cache_while_offline_is_a_clear_error(server, spec):
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"<html>oops</html>")
     with pytest.raises(Exception, match="(?s)damaged.*--dataset digits"):
         locate(spec, offline=True)
+
+
+def test_a_failed_mirror_is_tried_last_for_the_remaining_files(tmp_path, server, spec, archives):
+    from mnistlab.data.resolve import fetch
+
+    spec = dataclasses.replace(spec, mirrors=(server.url("503"), server.url("good")))
+    fetch(spec, tmp_path, **FAST)
+    names = sorted(archives)
+    for name, body in archives.items():
+        _assert_good(tmp_path / name, body)
+    dead = [server.requests[f"/503/{n}"] for n in names]
+    assert sum(dead) == FAST["attempts"]  # all its attempts went to the first file, none to the other three
+    assert all(server.requests[f"/good/{n}"] == 1 for n in names)
 
 
 def test_cli_fetch_uses_mirrors_from_environment(server, spec, archives, monkeypatch, capsys):

@@ -101,8 +101,13 @@ def download_file(
     timeout: float = 30.0,
     show_progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    failed_mirrors: set[str] | None = None,
 ) -> Path:
-    """Download `spec` into `dest_dir/<stem>.gz`, verified, trying each mirror in turn."""
+    """Download `spec` into `dest_dir/<stem>.gz`, verified, trying each mirror in turn.
+
+    Mirrors that fail are added to `failed_mirrors` when given, so a caller fetching several files
+    can try them last for the rest instead of waiting out a dead one for every file.
+    """
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / f"{spec.stem}.gz"
     part = dest_dir / f"{spec.stem}.gz.part"
@@ -126,6 +131,8 @@ def download_file(
                 return final
             except _Retryable as e:
                 failures.append(f"{url}: {e}")
+                if failed_mirrors is not None and attempt == attempts:
+                    failed_mirrors.add(base)
                 if attempt < attempts:
                     delay = backoff * 2 ** (attempt - 1)
                     log(f"  {url}: {e}; retrying in {delay:.2g}s")
@@ -134,6 +141,8 @@ def download_file(
                 log(f"  {url}: {e}; giving up on this mirror")
             except _NextMirror as e:
                 failures.append(f"{url}: {e}")
+                if failed_mirrors is not None:
+                    failed_mirrors.add(base)
                 log(f"  {url}: {e}; trying the next mirror")
             finally:
                 if bar is not None:

@@ -149,9 +149,11 @@ def locate(spec: DatasetSpec, *, offline: bool = False) -> tuple[str, Path]:
 def fetch(spec: DatasetSpec, folder: Path, only: list[str] | None = None, **kwargs) -> Path:
     """Download the files of `spec` (or only the stems listed) into `folder`, verified."""
     mirrors = mirrors_for(spec.mirrors)
+    failed: set[str] = set()  # mirrors that failed a file go last for the rest: a dead one costs its timeouts once
     for f in spec.files:
         if only is not None and f.stem not in only:
             continue
         print(f"downloading {spec.name}/{f.stem}.gz (~{f.size / 1e6:.1f} MB)", file=sys.stderr)
-        download_file(f, folder, mirrors, **kwargs)
+        order = [m for m in mirrors if m not in failed] + [m for m in mirrors if m in failed]
+        download_file(f, folder, order, failed_mirrors=failed, **kwargs)
     return folder
