@@ -77,6 +77,14 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
         pid, key = name.split("/", 1)
         state.setdefault(int(pid), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # Safetensors stores tensors contiguous, but a channels-last conv weight's momentum or Adam moments
+    # must share its memory layout: the fused optimizers walk param, grad and state as flat memory, so a
+    # layout mismatch pairs the wrong elements and a resumed run drifts from the uninterrupted one.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def save_checkpoint(

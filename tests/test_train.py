@@ -245,6 +245,39 @@ def test_affine_augmentation_fills_with_background():
     assert torch.allclose(out, x, atol=1e-5)  # a uniform image stays uniform: what enters is background
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fused_optimizer_resumes_channels_last_weights_exactly(tmp_path, optimizer):
+    """Safetensors stores state contiguous; the fused kernels need it in the weights' channels-last layout."""
+    from mnistlab.checkpoint import load_into
+    from mnistlab.models import create_model
+    from mnistlab.train import make_optimizer
+
+    cfg = TrainConfig(optimizer=optimizer, lr=0.05)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = create_model("cnn", widths=[4, 8, 8], hidden=16).to(memory_format=torch.channels_last)
+        return model, make_optimizer(model, cfg)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    a, opt_a = fresh()
+    steps(a, opt_a, 6)
+    b, opt_b = fresh()
+    steps(b, opt_b, 3)
+    save_checkpoint(tmp_path / "c.safetensors", b, {}, opt_b)
+    c, opt_c = fresh()
+    load_into(tmp_path / "c.safetensors", c, opt_c)
+    steps(c, opt_c, 3)
+    for (name, pa), pc in zip(a.state_dict().items(), c.state_dict().values(), strict=True):
+        assert torch.equal(pa, pc), name
+
+
 def test_random_erasing_blanks_one_rectangle_with_probability_p():
     from mnistlab.data.batches import random_erase
 
