@@ -82,7 +82,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "gru": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
     "lstm": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
     # flips: a 7x7 patch grid maps onto itself under a mirror, so the patches stay aligned (shifts do not,
-    # and cost accuracy at this budget). Batch 256: 20% more images/s than 128 (fewer, larger matmuls for the
+    # and cost accuracy at this budget). Batch 256: 22% more images/s than 128 (fewer, larger matmuls for the
     # same per-step overhead), so 18 epochs fit 5 CPU-minutes (~250 s of training on 2 cores); measured
     # 90.26 / 90.20 / 89.94% over seeds 0-2, against 89.80 / 89.85 / 89.38% for 15 epochs at batch 128
     "vit": dict(epochs=18, batch_size=256, lr=1.5e-3, optimizer="adamw", weight_decay=0.05, label_smoothing=0.1,
