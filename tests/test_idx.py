@@ -107,3 +107,16 @@ def test_cli_gives_message_and_exit_2_not_traceback(tmp_path, capsys, damage, me
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_gzip_idx_shape_reads_the_header_alone():
+    import gzip
+
+    from mnistlab.data.idx import gzip_idx_shape
+
+    images = np.arange(5 * 28 * 28, dtype=np.uint8).reshape(5, 28, 28)
+    raw = gzip.compress(encode_idx(images), mtime=0)
+    assert gzip_idx_shape(raw, "x.gz") == (5, 28, 28)
+    assert gzip_idx_shape(gzip.compress(encode_idx(np.zeros(7, np.uint8))), "y.gz") == (7,)
+    with pytest.raises(IdxError, match="too short"):
+        gzip_idx_shape(gzip.compress(b"\x00\x00"), "z.gz")
