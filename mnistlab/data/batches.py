@@ -105,4 +105,4 @@ def random_erase(
     inside = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
               & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]))  # (B, H, W)
     erase = inside & (torch.rand(b, device=dev) < p)[:, None, None]
-    return torch.where(erase[:, None], torch.full_like(x, background), x)
+    return x.masked_fill(erase[:, None], background)  # (B, 1, H, W) mask broadcasts over channels

@@ -57,17 +57,15 @@ def gzip_idx_shape(raw: bytes, name: str) -> tuple[int, ...]:
     For a file whose sha256 already matched the published archive: its content is known, so
     verifying it need not inflate all of it (that is left to the one full read that loads it).
     """
-    head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, 4 + 4 * 255)  # the longest IDX header
-    if len(head) < 4:
-        raise IdxError(f"{name}: too short to be an IDX file")
-    ndim = head[3]
-    if len(head) < 4 + 4 * ndim:
-        raise IdxError(f"{name}: IDX header cut short")
-    return struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    try:
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, 4 + 4 * 255)  # the longest IDX header
+    except zlib.error as e:
+        raise IdxError(f"{name}: corrupt gzip data ({e})") from e
+    return _parse_header(head, name)[0]
 
 
-def parse_idx(payload: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parse an uncompressed IDX payload into a uint8 array of its declared shape."""
+def _parse_header(payload: bytes, name: str) -> tuple[tuple[int, ...], int]:
+    """(declared shape, header length) of an IDX payload (or its first bytes), its magic checked."""
     if len(payload) < 4:
         raise IdxError(f"{name}: too short to be an IDX file ({len(payload)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", payload[:4])
@@ -81,7 +79,12 @@ def parse_idx(payload: bytes, name: str = "<bytes>") -> np.ndarray:
     header_len = 4 + 4 * ndim
     if len(payload) < header_len:
         raise IdxError(f"{name}: IDX header cut short")
-    dims = struct.unpack(f">{ndim}I", payload[4:header_len])
+    return struct.unpack(f">{ndim}I", payload[4:header_len]), header_len
+
+
+def parse_idx(payload: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse an uncompressed IDX payload into a uint8 array of its declared shape."""
+    dims, header_len = _parse_header(payload, name)
     expected = header_len + int(np.prod(dims, dtype=np.int64))
     if len(payload) != expected:
         raise IdxError(
