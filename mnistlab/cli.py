@@ -163,8 +163,8 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "engine", "epochs",
                "batch_size", "lr", "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip",
-               "augment", "erase", "hflip", "tta", "grad_flow", "grad_flow_steps", "seed", "deterministic", "device",
-               "threads", "eval_batch_size", "run_dir", "recipe")
+               "augment", "erase", "hflip", "tta", "tta_shifts", "grad_flow", "grad_flow_steps", "seed",
+               "deterministic", "device", "threads", "eval_batch_size", "run_dir", "recipe")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -243,14 +243,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       val_size=cfg.val_size)
     images, labels = ds.split(args.split)
     if cfg.engine == "scratch":
-        if args.tta == "on":
-            raise UserError("--tta: the scratch engine evaluates plain images only")
+        if args.tta == "on" or args.tta_shifts == "on":
+            raise UserError("--tta, --tta-shifts: the scratch engine evaluates plain images only")
         loss, accuracy, preds = scratch_train.evaluate(model, images.numpy(), labels.numpy(), meta["mean"],
                                                        meta["std"])
         result = EvalResult(loss, accuracy, torch.from_numpy(preds), labels)
     else:
         tta = meta.get("hflip_tta", False) if args.tta == "auto" else args.tta == "on"
-        result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta)
+        shifts = meta.get("shift_tta", False) if args.tta_shifts == "auto" else args.tta_shifts == "on"
+        result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta, shift_tta=shifts)
     cm = result.confusion(len(ds.classes))
     per_class = per_class_accuracy(cm)
     if args.json:
@@ -389,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tta", choices=("off", "on", "auto"),
                    help="evaluate on each image and its mirror image, averaging probabilities; "
                         "auto (default): when training used flips")
+    g.add_argument("--tta-shifts", choices=("off", "on"),
+                   help="final evaluation also averages over each image moved 1 pixel up, down, left and right "
+                        "(5x the views; per-epoch validation goes without)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="seeds weights, order, dropout and augmentation (default: 0)")
     g.add_argument("--deterministic", action="store_true", help="force deterministic kernels (GPU)")
@@ -410,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--tta", choices=("off", "on", "auto"), default="auto",
                    help="average each image's and its mirror image's probabilities; auto (default): as in training")
+    p.add_argument("--tta-shifts", choices=("off", "on", "auto"), default="auto",
+                   help="also average over 1-pixel shifts in 4 directions; auto (default): as in training")
     _add_data_source_flags(p)
     p.set_defaults(func=cmd_eval)
 

@@ -41,6 +41,7 @@ class TrainConfig:
     erase: float = 0.0  # random erasing: probability of blanking one random rectangle of each training image
     hflip: str = "off"  # random left-right flips: on, off, or auto (on for mirror-symmetric datasets only)
     tta: str = "auto"  # evaluate on each image and its mirror image: on, off, or auto (on when trained with flips)
+    tta_shifts: str = "off"  # final evaluation also over 1-pixel shifts in 4 directions: on or off
     # diagnostics
     grad_flow: bool = False  # record gradient norms per layer (and per time step for rnn/gru/lstm)
     grad_flow_steps: list[int] | None = None  # steps to record at; None: step 0 and each epoch's last step

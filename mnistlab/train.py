@@ -248,8 +248,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
     tta = cfg.tta == "on" or (cfg.tta == "auto" and hflip)
     if tta:
         log("evaluating each image and its mirror image (--tta)")
+    shift_tta = cfg.tta_shifts == "on"
+    if shift_tta:
+        log("final evaluation also over each image moved 1 pixel in 4 directions (--tta-shifts); "
+            "per-epoch validation without, to save time")
     meta_base = dict(model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, num_classes=ds.num_classes,
-                     classes=list(ds.classes), mean=ds.mean, std=ds.std, config=asdict(cfg), hflip_tta=tta)
+                     classes=list(ds.classes), mean=ds.mean, std=ds.std, config=asdict(cfg), hflip_tta=tta,
+                     shift_tta=shift_tta)
     step, best_val, train_seconds = 0, 0.0, 0.0
     resumed: dict[str, Any] = {}  # running sums of a half-done epoch
     if resume:
@@ -365,11 +370,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
                     f"Continue with: mnistlab train --resume {run_dir}")
                 raise KeyboardInterrupt
 
-    val = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size, tta)
+    val = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size, tta, shift_tta)
     test = evaluate(model, ds.test_images.to(device), ds.test_labels.to(device), ds.mean, ds.std,
-                    cfg.eval_batch_size, tta)
+                    cfg.eval_batch_size, tta, shift_tta)
     results = dict(dataset=ds.name, model=cfg.model, test_accuracy=test.accuracy, test_loss=test.loss,
                    val_accuracy=val.accuracy, best_val_accuracy=best_val, epochs=cfg.epochs, steps=step,
-                   train_seconds=train_seconds, params=n_params, device=str(device))
+                   train_seconds=train_seconds, params=n_params, device=str(device),
+                   eval_views=(2 if tta else 1) * (5 if shift_tta else 1))  # best_val_accuracy: per-epoch views
     write_results(run_dir, results)
     return results

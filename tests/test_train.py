@@ -337,3 +337,38 @@ def test_tta_follows_training_flips_and_eval_can_override_it(tmp_path, capsys):
         reports[mode] = json.loads(capsys.readouterr().out)
     assert reports["auto"]["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
     assert reports["auto"]["loss"] == reports["on"]["loss"] != reports["off"]["loss"]
+
+
+def test_shift_tta_averages_five_positions_and_eval_follows_training(tmp_path, capsys):
+    from mnistlab.data.batches import to_input
+    from mnistlab.evaluate import evaluate
+    from mnistlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", widths=[8, 16, 32]).eval()
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (32,))
+    got = evaluate(model, images, labels, 0.3, 0.35, hflip_tta=True, shift_tta=True)
+    # by hand: the image moved by (dy, dx) with black (0 before normalising) filling the gap, and mirrored
+    with torch.no_grad():
+        p = torch.zeros(32, 10)
+        for dy, dx in [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]:
+            moved = torch.zeros_like(images)
+            moved[:, max(dy, 0) : 28 + min(dy, 0), max(dx, 0) : 28 + min(dx, 0)] = \
+                images[:, max(-dy, 0) : 28 + min(-dy, 0), max(-dx, 0) : 28 + min(-dx, 0)]
+            x = to_input(moved, 0.3, 0.35)
+            p += model(x).softmax(1) + model(x.flip(-1)).softmax(1)
+        p /= 10
+    assert got.loss == pytest.approx(-p[torch.arange(32), labels].log().mean().item(), rel=1e-5)
+    assert torch.equal(got.predictions, p.argmax(1))
+    # train --tta-shifts on: results.json holds the shifted evaluation, and eval repeats it unless told not to
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--hflip", "on", "--tta-shifts", "on", "--run-dir", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    reports = {}
+    for mode in ("auto", "off"):
+        assert main(["eval", str(run), "--json", "--tta-shifts", mode]) == 0
+        reports[mode] = json.loads(capsys.readouterr().out)
+    assert reports["auto"]["loss"] == pytest.approx(results["test_loss"], abs=1e-12)
+    assert reports["off"]["loss"] != reports["auto"]["loss"]

@@ -36,8 +36,9 @@ def check_supported(cfg) -> None:
         problems.append(f"--model {cfg.model} (the scratch engine has {', '.join(nn.MODELS)})")
     if cfg.optimizer not in ("sgd", "adamw"):
         problems.append(f"--optimizer {cfg.optimizer}")
-    if cfg.augment != "none" or cfg.hflip == "on" or cfg.tta == "on" or cfg.erase > 0:
-        problems.append("augmentation (--augment, --erase, --hflip, --tta)")
+    if (cfg.augment != "none" or cfg.hflip == "on" or cfg.tta == "on" or cfg.erase > 0
+            or cfg.tta_shifts == "on"):
+        problems.append("augmentation (--augment, --erase, --hflip, --tta, --tta-shifts)")
     if cfg.grad_flow:
         problems.append("--grad-flow")
     if cfg.recipe:
