@@ -391,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on each image and its mirror image, averaging probabilities; "
                         "auto (default): when training used flips")
     g.add_argument("--tta-shifts", choices=("off", "on"),
-                   help="final evaluation also averages over each image moved 1 pixel up, down, left and right "
-                        "(5x the views; per-epoch validation goes without)")
+                   help="final evaluation also averages over each image moved 1 pixel in each of 8 directions "
+                        "(9x the views; per-epoch validation goes without)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="seeds weights, order, dropout and augmentation (default: 0)")
     g.add_argument("--deterministic", action="store_true", help="force deterministic kernels (GPU)")
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("off", "on", "auto"), default="auto",
                    help="average each image's and its mirror image's probabilities; auto (default): as in training")
     p.add_argument("--tta-shifts", choices=("off", "on", "auto"), default="auto",
-                   help="also average over 1-pixel shifts in 4 directions; auto (default): as in training")
+                   help="also average over 1-pixel shifts in 8 directions; auto (default): as in training")
     _add_data_source_flags(p)
     p.set_defaults(func=cmd_eval)
 

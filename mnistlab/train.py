@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from mnistlab import gradflow
 from mnistlab.checkpoint import CHECKPOINT, atomic_write_text, load_into, save_checkpoint
 from mnistlab.config import TrainConfig
-from mnistlab.data.batches import augment_batch, epoch_permutation, random_erase, to_input
+from mnistlab.data.batches import augment_batch, epoch_permutation, random_erase, shifted_crops, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
 from mnistlab.data.registry import DATASETS
 from mnistlab.errors import UserError
@@ -250,7 +250,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
         log("evaluating each image and its mirror image (--tta)")
     shift_tta = cfg.tta_shifts == "on"
     if shift_tta:
-        log("final evaluation also over each image moved 1 pixel in 4 directions (--tta-shifts); "
+        log("final evaluation also over each image moved 1 pixel in 8 directions (--tta-shifts); "
             "per-epoch validation without, to save time")
     meta_base = dict(model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, num_classes=ds.num_classes,
                      classes=list(ds.classes), mean=ds.mean, std=ds.std, config=asdict(cfg), hflip_tta=tta,
@@ -294,6 +294,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
         kept = [r for r in gradflow.read(run_dir) if r["step"] < step] if step and flow_file.exists() else []
         flow_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop records a resume will redo
     background = (0.0 - ds.mean) / ds.std  # normalised value of a black pixel
+    # shifts: every image with 2 black pixels around it, once, so that a shifted image is a window of it
+    padded_x = F.pad(train_x, (2, 2, 2, 2)) if cfg.augment == "shift" else None  # (N, H + 4, W + 4) uint8
     model.train()
     with StopFlag() as stop:
         while step < total_steps:
@@ -313,7 +315,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
             for i in range(step % steps_per_epoch, steps_per_epoch):
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 torch.manual_seed(step_seed(cfg.seed, step))  # dropout and augmentation of this step
-                x = augment_batch(to_input(train_x[idx], ds.mean, ds.std), cfg.augment, background, hflip=hflip)
+                if padded_x is not None:
+                    x = to_input(shifted_crops(padded_x, idx, 2, hflip), ds.mean, ds.std)  # (B, 1, H, W)
+                else:
+                    x = augment_batch(to_input(train_x[idx], ds.mean, ds.std), cfg.augment, background, hflip=hflip)
                 x = random_erase(x, cfg.erase, background)
                 y = train_y[idx]
                 lr = get_lr(step, total_steps, cfg)
@@ -376,6 +381,6 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
     results = dict(dataset=ds.name, model=cfg.model, test_accuracy=test.accuracy, test_loss=test.loss,
                    val_accuracy=val.accuracy, best_val_accuracy=best_val, epochs=cfg.epochs, steps=step,
                    train_seconds=train_seconds, params=n_params, device=str(device),
-                   eval_views=(2 if tta else 1) * (5 if shift_tta else 1))  # best_val_accuracy: per-epoch views
+                   eval_views=(2 if tta else 1) * (9 if shift_tta else 1))  # best_val_accuracy: per-epoch views
     write_results(run_dir, results)
     return results

@@ -226,16 +226,26 @@ def test_lr_schedule_warms_up_then_decays(schedule):
         assert lrs[20:] == sorted(lrs[20:], reverse=True) and lrs[-1] < 0.005
 
 
-def test_shift_augmentation_moves_pixels_by_whole_steps():
-    x = torch.zeros(64, 1, 28, 28)
-    x[:, 0, 14, 14] = 1.0
+@pytest.mark.parametrize("hflip", [False, True])
+def test_shift_augmentation_moves_pixels_by_whole_steps(hflip):
+    from mnistlab.data.batches import shifted_crops
+
+    x = torch.zeros(64, 28, 28, dtype=torch.uint8)
+    x[:, 14, 10] = 200
+    x[:, 14, 11] = 100  # the bright pixel left of the dim one, unless mirrored
     torch.manual_seed(0)
-    out = augment_batch(x, "shift", background=0.0)
-    for img in out[:, 0]:
-        assert img.sum() == 1.0 and img.max() == 1.0  # moved, not blurred
+    out = shifted_crops(torch.nn.functional.pad(x, (2, 2, 2, 2)), torch.arange(64), 2, hflip)
+    assert out.shape == (64, 28, 28) and out.dtype == torch.uint8
+    mirrored = 0
+    for img in out:
+        assert sorted(img[img > 0].tolist()) == [100, 200]  # moved whole, not blurred or cut
         r, c = divmod(int(img.argmax()), 28)
-        assert abs(r - 14) <= 2 and abs(c - 14) <= 2
-    assert len({int(i.argmax()) for i in out[:, 0]}) > 5  # and not all the same way
+        r2, c2 = divmod(int((img == 100).nonzero()[0, 0] * 28 + (img == 100).nonzero()[0, 1]), 28)
+        assert r2 == r and abs(c2 - c) == 1
+        mirrored += c2 < c
+        assert abs(r - 14) <= 2 and (abs(c - 10) <= 2 or abs(c - 17) <= 2)  # 17: column 10, mirrored
+    assert len({int(i.argmax()) for i in out}) > 5  # and not all the same way
+    assert (20 < mirrored < 44) if hflip else mirrored == 0
 
 
 def test_affine_augmentation_fills_with_background():
@@ -339,7 +349,7 @@ def test_tta_follows_training_flips_and_eval_can_override_it(tmp_path, capsys):
     assert reports["auto"]["loss"] == reports["on"]["loss"] != reports["off"]["loss"]
 
 
-def test_shift_tta_averages_five_positions_and_eval_follows_training(tmp_path, capsys):
+def test_shift_tta_averages_nine_positions_and_eval_follows_training(tmp_path, capsys):
     from mnistlab.data.batches import to_input
     from mnistlab.evaluate import evaluate
     from mnistlab.models import create_model
@@ -352,13 +362,13 @@ def test_shift_tta_averages_five_positions_and_eval_follows_training(tmp_path, c
     # by hand: the image moved by (dy, dx) with black (0 before normalising) filling the gap, and mirrored
     with torch.no_grad():
         p = torch.zeros(32, 10)
-        for dy, dx in [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]:
+        for dy, dx in [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]:
             moved = torch.zeros_like(images)
             moved[:, max(dy, 0) : 28 + min(dy, 0), max(dx, 0) : 28 + min(dx, 0)] = \
                 images[:, max(-dy, 0) : 28 + min(-dy, 0), max(-dx, 0) : 28 + min(-dx, 0)]
             x = to_input(moved, 0.3, 0.35)
             p += model(x).softmax(1) + model(x.flip(-1)).softmax(1)
-        p /= 10
+        p /= 18
     assert got.loss == pytest.approx(-p[torch.arange(32), labels].log().mean().item(), rel=1e-5)
     assert torch.equal(got.predictions, p.argmax(1))
     # train --tta-shifts on: results.json holds the shifted evaluation, and eval repeats it unless told not to

@@ -31,14 +31,39 @@ def to_input(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (x - 255.0 * mean) * (1.0 / (255.0 * std))
 
 
+def shifted_crops(padded: torch.Tensor, idx: torch.Tensor, max_shift: int = 2, hflip: bool = False) -> torch.Tensor:
+    """Images `idx`, each moved by a random whole number of pixels in [-max_shift, max_shift] in each
+    direction (and mirrored with probability 1/2 if `hflip`): (B,) -> (B, H, W), same dtype as `padded`.
+
+    `padded` (N, H + 2m, W + 2m) holds the images with m = max_shift black pixels added on every
+    side, once per run, so a shifted image is an H x W window of it and black fills what moves into
+    view. One gather picks every window, mirrored or not, before the images are even converted to
+    float: about a third of the time of the same shifts through grid_sample (1.6 vs 4.6-5.4 ms for
+    256 images on 2 cores, with the conversion). Draws from torch's global RNG, like augment_batch.
+    """
+    b, (h, w) = len(idx), padded.shape[-2:]
+    h, w = h - 2 * max_shift, w - 2 * max_shift
+    dev = padded.device
+    top, left = torch.randint(0, 2 * max_shift + 1, (2, b, 1), device=dev)  # window corners, (B, 1) each
+    rows = top + torch.arange(h, device=dev)  # (B, H)
+    cols = left + torch.arange(w, device=dev)  # (B, W)
+    if hflip:  # read the window's columns right to left
+        flip = torch.rand(b, 1, device=dev) < 0.5
+        cols = torch.where(flip, cols.flip(1), cols)
+    return padded[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def augment_batch(
     x: torch.Tensor, mode: str, background: float, max_shift: int = 2, hflip: bool = False
 ) -> torch.Tensor:
-    """Randomly shift or affinely warp (and maybe mirror) each image of x (B, C, H, W) in one grid_sample.
+    """Randomly warp (affine) and/or mirror each image of x (B, C, H, W): one grid_sample for the batch.
 
     `background` is the normalised value of a black pixel, used to fill what moves into view.
-    Draws from torch's global RNG on x's device, which the training loop seeds per step.
+    Draws from torch's global RNG on x's device, which the training loop seeds per step. ("shift"
+    trains through `shifted_crops`, a gather that needs no resampling.)
     """
+    if mode not in ("none", "affine"):
+        raise ValueError(f"augment_batch does 'none' or 'affine', not {mode!r}")
     if mode == "none" and not hflip:
         return x
     if mode == "none":  # flips alone: a select between x and its mirror image, no resampling needed
@@ -51,30 +76,21 @@ def augment_batch(
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 2] = shift[:, 0] * (2.0 / w)
     theta[:, 1, 2] = shift[:, 1] * (2.0 / h)
-    if mode in ("shift", "none"):
-        if mode == "none":
-            theta[:, :, 2] = 0.0
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-        interp = "nearest"  # integer shifts land exactly on pixels: no blur
-    elif mode == "affine":
-        angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(12)
-        scale = 1 + (torch.rand(b, device=dev) * 2 - 1) * 0.1
-        shear = (torch.rand(b, device=dev) * 2 - 1) * math.radians(8)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        # rotation @ shear, divided by scale (theta maps output to input coordinates)
-        theta[:, 0, 0] = cos / scale
-        theta[:, 0, 1] = (cos * torch.tan(shear) - sin) / scale
-        theta[:, 1, 0] = sin / scale
-        theta[:, 1, 1] = (sin * torch.tan(shear) + cos) / scale
-        interp = "bilinear"
-    else:
-        raise ValueError(f"augment must be one of {AUGMENTATIONS}, not {mode!r}")
+    angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(12)
+    scale = 1 + (torch.rand(b, device=dev) * 2 - 1) * 0.1
+    shear = (torch.rand(b, device=dev) * 2 - 1) * math.radians(8)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # rotation @ shear, divided by scale (theta maps output to input coordinates)
+    theta[:, 0, 0] = cos / scale
+    theta[:, 0, 1] = (cos * torch.tan(shear) - sin) / scale
+    theta[:, 1, 0] = sin / scale
+    theta[:, 1, 1] = (sin * torch.tan(shear) + cos) / scale
     if hflip:  # negating the x row of theta mirrors the image about its vertical axis
         flip = torch.rand(b, device=dev) < 0.5
         theta[flip, 0, :2] = -theta[flip, 0, :2]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # grid_sample pads with zeros; shift so that zero is the background, then shift back
-    out = F.grid_sample(x - background, grid, mode=interp, padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + background
 
 
