@@ -1,8 +1,9 @@
 """Batches served from tensors already on the device, and batched augmentation.
 
 No DataLoader, no per-sample Python: a batch is an index slice of a seeded per-epoch permutation,
-gathered from the uint8 image tensor, converted and normalised in one op, and augmented with one
-`grid_sample` for the whole batch (after KellerJordan's airbench loader).
+gathered from the uint8 image tensor (shifted and mirrored windows in the same gather), converted
+and normalised in one op, and warped with one `grid_sample` for the whole batch when asked
+(after KellerJordan's airbench loader).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-AUGMENTATIONS = ("none", "shift", "affine")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
