@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from mnistlab.data.batches import to_input
 
+ONE_PIXEL_MOVES = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]  # the 8 (dy, dx) of shift TTA
+
 
 @dataclass
 class EvalResult:
@@ -48,21 +50,20 @@ def evaluate(
     total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
     preds = []
     background = (0.0 - mean) / std  # a black pixel, normalised: what moves into view
-    shifts = [(0, 0)] + [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx] if shift_tta else [(0, 0)]
     for i in range(0, len(labels), batch_size):
         x = to_input(images[i : i + batch_size], mean, std)  # (B, 1, H, W)
-        logits = model(x)  # (B, K)
-        if hflip_tta or shift_tta:  # log of the views' mean probability, so the loss stays a cross-entropy
+        views = [x]
+        if shift_tta:  # the content moved by (dy, dx), black filling what comes into view
             h, w = x.shape[-2:]
-            padded = F.pad(x, (1, 1, 1, 1), value=background) if shift_tta else x  # (B, 1, H + 2, W + 2)
-            logp = []
-            for dy, dx in shifts:
-                moved = (dy, dx) != (0, 0)
-                v = padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w] if moved else x  # content moved by (dy, dx)
-                logp.append((model(v) if moved else logits).float().log_softmax(1))
-                if hflip_tta:
-                    logp.append(model(v.flip(-1)).float().log_softmax(1))
-            logits = torch.logsumexp(torch.stack(logp), 0) - math.log(len(logp))  # (B, K)
+            padded = F.pad(x, (1, 1, 1, 1), value=background)  # (B, 1, H + 2, W + 2)
+            views += [padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w] for dy, dx in ONE_PIXEL_MOVES]
+        if hflip_tta:
+            views = [u for v in views for u in (v, v.flip(-1))]
+        if len(views) == 1:
+            logits = model(x)  # (B, K)
+        else:  # log of the views' mean probability, so the loss stays a cross-entropy
+            logp = torch.stack([model(v).float().log_softmax(1) for v in views])  # (V, B, K)
+            logits = torch.logsumexp(logp, 0) - math.log(len(views))
         y = labels[i : i + batch_size]
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         preds.append(logits.argmax(1))

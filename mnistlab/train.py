@@ -294,8 +294,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
         kept = [r for r in gradflow.read(run_dir) if r["step"] < step] if step and flow_file.exists() else []
         flow_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop records a resume will redo
     background = (0.0 - ds.mean) / ds.std  # normalised value of a black pixel
-    # shifts: every image with 2 black pixels around it, once, so that a shifted image is a window of it
-    padded_x = F.pad(train_x, (2, 2, 2, 2)) if cfg.augment == "shift" else None  # (N, H + 4, W + 4) uint8
+    # shifts: every image with max_shift black pixels around it, once, so that a shifted image is a window of it
+    max_shift = 2
+    padded_x = F.pad(train_x, (max_shift,) * 4) if cfg.augment == "shift" else None  # (N, H + 2m, W + 2m) uint8
     model.train()
     with StopFlag() as stop:
         while step < total_steps:
@@ -316,7 +317,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool | None) -> dict[str, A
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 torch.manual_seed(step_seed(cfg.seed, step))  # dropout and augmentation of this step
                 if padded_x is not None:
-                    x = to_input(shifted_crops(padded_x, idx, 2, hflip), ds.mean, ds.std)  # (B, 1, H, W)
+                    x = to_input(shifted_crops(padded_x, idx, max_shift, hflip), ds.mean, ds.std)  # (B, 1, H, W)
                 else:
                     x = augment_batch(to_input(train_x[idx], ds.mean, ds.std), cfg.augment, background, hflip=hflip)
                 x = random_erase(x, cfg.erase, background)
