@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mnistlab.data.idx import write_idx
-from mnistlab.data.registry import IDX_STEMS
+from mnistlab.data.idx import encode_idx, write_idx
+from mnistlab.data.registry import IDX_STEMS, DatasetSpec, FileSpec
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +45,16 @@ def write_dataset(folder: Path, arrays: dict[str, np.ndarray], gz: bool = True) 
 def idx_dir(tmp_path) -> Path:
     """A folder holding a small valid gzipped IDX dataset (200 train, 50 test)."""
     return write_dataset(tmp_path / "tiny", make_arrays())
+
+
+def spec_for(arrays: dict[str, np.ndarray], name: str, *, raw_hashes: bool = True, **kwargs) -> DatasetSpec:
+    """A registry entry whose recorded hashes are those of `arrays` as write_dataset writes them."""
+    files = []
+    for stem, array in arrays.items():
+        raw = encode_idx(array)
+        archive = gzip.compress(raw, mtime=0)
+        files.append(FileSpec(stem, hashlib.sha256(archive).hexdigest(), len(archive),
+                              hashlib.sha256(raw).hexdigest() if raw_hashes else None))
+    kwargs.setdefault("classes", tuple(f"class {i}" for i in range(10)))
+    return DatasetSpec(name=name, description="synthetic", source="tests", files=tuple(files),
+                       train_count=len(arrays[IDX_STEMS[1]]), test_count=len(arrays[IDX_STEMS[3]]), **kwargs)

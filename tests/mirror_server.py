@@ -1,6 +1,8 @@
 """A misbehaving mirror on 127.0.0.1 for download tests.
 
-Paths look like /<mode>/<file>. Mode `good` serves the file; every other mode fails in its own way.
+Paths look like /<mode>/<file>. Mode `good` serves the file; every other mode fails in its own way,
+except `together`, which serves it too, but only once two requests for the path have arrived (or
+after 5 s), then slowly, so that two concurrent downloads are sure to overlap.
 Requests are counted per path so tests can assert what was (not) fetched.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +21,8 @@ class MirrorServer:
     def __init__(self, files: dict[str, bytes]):
         self.files = files
         self.requests: Counter[str] = Counter()
+        self._barriers: dict[str, threading.Barrier] = {}
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,6 +37,14 @@ class MirrorServer:
                     self.send_error(404)
                 elif mode == "good":
                     self._send(200, body)
+                elif mode == "together":
+                    with server._lock:
+                        barrier = server._barriers.setdefault(self.path, threading.Barrier(2, timeout=5))
+                    try:
+                        barrier.wait()
+                    except threading.BrokenBarrierError:  # the other download never came: serve this one anyway
+                        pass
+                    self._send(200, body, pieces=8, pause=0.01)
                 elif mode in ("403", "503"):
                     self.send_error(int(mode))
                 elif mode == "reset":
@@ -57,12 +70,17 @@ class MirrorServer:
                 else:
                     self.send_error(404)
 
-            def _send(self, code: int, body: bytes, ctype: str = "application/octet-stream"):
+            def _send(self, code: int, body: bytes, ctype: str = "application/octet-stream",
+                      pieces: int = 1, pause: float = 0.0):
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                step = max(1, -(-len(body) // pieces))
+                for start in range(0, len(body), step):
+                    self.wfile.write(body[start:start + step])
+                    self.wfile.flush()
+                    time.sleep(pause)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,12 +16,12 @@ from conftest import make_arrays
 from mirror_server import BAD_MODES, MirrorServer
 
 from mnistlab.cli import main
-from mnistlab.data import registry
+from mnistlab.data import download, registry
 from mnistlab.data.dataset import load_dataset
-from mnistlab.data.download import DownloadError, download_file
+from mnistlab.data.download import DiskError, DownloadError, download_file
 from mnistlab.data.idx import encode_idx
 from mnistlab.data.registry import DatasetSpec, FileSpec
-from mnistlab.data.resolve import cache_root, locate
+from mnistlab.data.resolve import cache_root, fetch, locate, verify_folder
 
 FAST = dict(attempts=2, backoff=0.01, timeout=5.0, show_progress=False)
 
@@ -45,9 +49,13 @@ def server(archives):
         yield s
 
 
+def _part_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".part")]
+
+
 def _assert_good(path: Path, body: bytes) -> None:
     assert path.read_bytes() == body
-    assert not list(path.parent.glob("*.part"))
+    assert not _part_files(path.parent)
 
 
 @pytest.mark.parametrize("mode", BAD_MODES)
@@ -67,7 +75,7 @@ def test_only_bad_mirrors_leave_no_final_file(tmp_path, server, spec, mode):
     with pytest.raises(DownloadError, match="could not download"):
         download_file(f, tmp_path, [server.url(mode)], log=lambda m: None, **FAST)
     assert not (tmp_path / f"{f.stem}.gz").exists()
-    assert not list(tmp_path.glob("*.part"))
+    assert not _part_files(tmp_path)
 
 
 def test_failure_message_names_every_mirror_and_offline_choices(tmp_path, server, spec):
@@ -127,6 +135,99 @@ def test_a_failed_mirror_is_tried_last_for_the_remaining_files(tmp_path, server,
     dead = [server.requests[f"/503/{n}"] for n in names]
     assert sum(dead) == FAST["attempts"]  # all its attempts went to the first file, none to the other three
     assert all(server.requests[f"/good/{n}"] == 1 for n in names)
+
+
+def test_concurrent_downloads_of_one_dataset_both_succeed(tmp_path, server, spec, archives):
+    """Two fetches of the same files overlap (the mirror answers only once both have asked), each into
+    its own .part: with one shared .part, the first rename pulled the file from under the second."""
+    spec = dataclasses.replace(spec, mirrors=(server.url("together"),))
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(fetch, spec, tmp_path, **FAST) for _ in range(2)]
+        assert [j.result() for j in jobs] == [tmp_path, tmp_path]
+    assert all(c.ok and c.hashed for c in verify_folder(tmp_path, spec))
+    for name, body in archives.items():
+        _assert_good(tmp_path / name, body)
+        assert server.requests[f"/together/{name}"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(archives)
+
+
+def test_stale_part_of_a_killed_download_is_removed_and_a_live_one_kept(tmp_path, server, spec, archives):
+    f = spec.files[1]
+    stale, live = tmp_path / f".{f.stem}.gz.0123456789ab.part", tmp_path / f".{f.stem}.gz.ba9876543210.part"
+    for p in (stale, live):
+        p.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    download_file(f, tmp_path, [server.url("good")], log=lambda m: None, **FAST)
+    assert not stale.exists() and live.exists()
+
+
+class _FullDisk:
+    """A file whose every write fails as a full disk does."""
+
+    def __init__(self, out, err: int):
+        self.out, self.err = out, err
+
+    def write(self, data: bytes) -> int:
+        raise OSError(self.err, os.strerror(self.err))
+
+    def __getattr__(self, name):
+        return getattr(self.out, name)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_disk_error_while_writing_is_reported_at_once_not_retried(tmp_path, server, spec, monkeypatch, err):
+    real_create = download._create_part
+
+    def create_full(final, file_spec):
+        part, out = real_create(final, file_spec)
+        return part, _FullDisk(out, err)
+
+    monkeypatch.setattr(download, "_create_part", create_full)
+    f = spec.files[0]
+    with pytest.raises(DiskError) as e:
+        download_file(f, tmp_path, [server.url("good"), server.url("503")], log=lambda m: None, **FAST)
+    message = str(e.value)
+    assert message.startswith(f"cannot write {tmp_path / f'{f.stem}.gz'}: {os.strerror(err)}")
+    assert "\n" not in message
+    assert ("MB needed" in message) == (err != errno.EROFS)
+    assert sum(server.requests.values()) == 1  # no retry, no second mirror
+    assert list(tmp_path.iterdir()) == []  # its .part removed
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS])
+def test_unwritable_cache_folder_fails_before_any_request(tmp_path, server, spec, monkeypatch, err):
+    def refuse(path, mode="r", *args, **kwargs):
+        raise OSError(err, os.strerror(err), str(path))
+
+    monkeypatch.setattr(download, "open", refuse, raising=False)  # shadows the builtin in download.py only
+    with pytest.raises(DiskError, match=f"^cannot write {tmp_path}: {os.strerror(err)}$"):
+        download_file(spec.files[0], tmp_path, [server.url("good")], log=lambda m: None, **FAST)
+    assert sum(server.requests.values()) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_read_only_cache_folder_is_a_clear_error(tmp_path, server, spec):
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(DiskError, match=f"cannot write {tmp_path}: Permission denied"):
+            download_file(spec.files[0], tmp_path, [server.url("good")], log=lambda m: None, **FAST)
+    finally:
+        tmp_path.chmod(0o755)
+    assert sum(server.requests.values()) == 0
+
+
+def test_cli_reports_a_full_disk_in_one_line(server, spec, monkeypatch, capsys):
+    def full(path, mode="r", *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(download, "open", full, raising=False)
+    monkeypatch.setitem(registry.DATASETS, "mnist", spec)
+    monkeypatch.setenv("MNISTLAB_MIRRORS", server.url("good"))
+    assert main(["data", "fetch", "mnist"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"mnistlab: error: cannot write {cache_root() / 'tinymnist'}: No space left on device")
+    assert "Traceback" not in "\n".join(err)
 
 
 def test_cli_fetch_uses_mirrors_from_environment(server, spec, archives, monkeypatch, capsys):

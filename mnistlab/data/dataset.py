@@ -3,6 +3,21 @@
 The test split is never used to choose anything: the validation images are carved from train by a
 seeded permutation that does not depend on the training seed, so every run of every model is
 compared on the same held-out images.
+
+A --data-dir folder is named by what it holds, not by --dataset:
+  - its files match a known dataset's recorded sha256 (of the published archive, or of the
+    uncompressed data where the registry records one): it is that dataset, with its name, class
+    names and mirror symmetry. Naming a different known dataset is an error that says what it holds.
+  - the dataset named is one with no recorded hash of its uncompressed data (mnist, kmnist) and the
+    folder's uncompressed files have exactly its shapes: it is taken as that dataset, as `data
+    verify` and the search folders take it, and the summary says it was checked by shape, not hash.
+  - anything else is custom: named `custom` (a plain word, since run folders are named after the
+    dataset; the folder itself is in `location`), its classes the label numbers "0".."K-1" (K = the
+    largest label + 1), no mirror symmetry assumed. When a known dataset was named, the summary says
+    the folder was not verified as it, and why. The name `custom` given back with the same folder
+    (a resumed or evaluated run) loads it as with no name.
+A folder is refused (UserError, before any training) when a file is missing or malformed, images
+are not 28x28, a split is empty, or labels and images disagree in count or class range.
 """
 
 from __future__ import annotations
@@ -23,10 +38,20 @@ from mnistlab.data.registry import (
     DatasetSpec,
     get_spec,
 )
-from mnistlab.data.resolve import find_idx_files, locate, verify_folder
+from mnistlab.data.resolve import (
+    IMAGE_SIZE,
+    find_idx_files,
+    first_failed_check,
+    identify_folder,
+    locate,
+    verify_folder,
+)
 from mnistlab.errors import UserError
 
 VAL_SPLIT_SEED = 12345
+DEFAULT_DATASET = "mnist"
+CUSTOM = "custom"  # the name of a --data-dir folder that is no known dataset
+MAX_CLASSES = 256  # IDX labels are unsigned bytes
 
 
 def default_val_size(n_train: int) -> int:
@@ -51,6 +76,18 @@ class Dataset:
     source: str  # where it was found: "cache", "system", "--data-dir", ...
     location: str
     file_sha256: dict[str, str] = field(default_factory=dict)
+    spec: DatasetSpec | None = None  # the known dataset it is; None for a custom folder
+    note: str = ""  # how a --data-dir folder was identified, for the summary
+
+    @property
+    def custom(self) -> bool:
+        """True for a folder that is no known dataset: its classes are just the label numbers."""
+        return self.spec is None
+
+    @property
+    def mirror_symmetric(self) -> bool:
+        """Classes unchanged by a left-right flip: only a known dataset whose registry entry says so."""
+        return self.spec is not None and self.spec.mirror_symmetric
 
     @property
     def num_classes(self) -> int:
@@ -71,10 +108,12 @@ class Dataset:
             f"{self.name}: train {len(self.train_labels):,}, val {len(self.val_labels):,}, "
             f"test {len(self.test_labels):,} images of {self.image_size[0]}x{self.image_size[1]}; "
             f"mean {self.mean:.4f} std {self.std:.4f}; from {self.source} ({self.location})"
+            + (f"; {self.note}" if self.note else "")
         )
 
 
-def _read_idx_folder(folder: Path) -> tuple[np.ndarray, ...]:
+def _read_idx_folder(folder: Path, num_classes: int) -> tuple[np.ndarray, ...]:
+    """The four arrays of `folder`, checked: pairs agree, labels < num_classes, 28x28, no empty split."""
     files = find_idx_files(folder)
     if files is None:
         missing = [c.path.name for c in verify_folder(folder, None) if c.detail == "missing"]
@@ -83,11 +122,38 @@ def _read_idx_folder(folder: Path) -> tuple[np.ndarray, ...]:
             "(each may be gzipped or not)"
         )
     arrays = tuple(read_idx(files[s]) for s in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS))
-    check_pair(arrays[0], arrays[1], f"{folder}: train")
-    check_pair(arrays[2], arrays[3], f"{folder}: test")
-    if arrays[0].shape[1:] != arrays[2].shape[1:]:
-        raise UserError(f"{folder}: train images are {arrays[0].shape[1:]} but test images are {arrays[2].shape[1:]}")
+    for split, images, labels in (("train", *arrays[:2]), ("test", *arrays[2:])):
+        check_pair(images, labels, f"{folder}: {split}", num_classes)
+        if images.shape[1:] != IMAGE_SIZE:
+            size = "x".join(map(str, images.shape[1:]))
+            raise UserError(f"{folder}: {split} images are {size}; mnistlab's models take 28x28 images")
+        if len(images) == 0:
+            raise UserError(f"{folder}: the {split} split holds no images")
     return arrays
+
+
+def _identify(name: str | None, folder: Path) -> tuple[DatasetSpec | None, str]:
+    """(the known dataset `folder` is, or None for custom; how that was decided) for --data-dir."""
+    named = get_spec(name) if name and name != CUSTOM else None
+    if find_idx_files(folder) is None:
+        return None, ""  # _read_idx_folder names the missing files
+    found = identify_folder(folder)
+    if found is not None:
+        if named is not None and named.name != found.name:
+            raise UserError(
+                f"{folder} holds {found.name} (every file matches its recorded sha256), not {named.name}; "
+                f"use --dataset {found.name}, or leave --dataset out"
+            )
+        return found, f"verified as {found.name} by sha256"
+    if named is None:
+        return None, "custom dataset: no known dataset's sha256 matches; classes are the label numbers"
+    if not named.is_idx:
+        return None, f"custom dataset, not {named.name} (bundled, not IDX files); classes are the label numbers"
+    bad = first_failed_check(folder, named)
+    if bad is None:  # only possible by shape: an uncompressed copy, and no recorded hash of uncompressed data
+        return named, f"taken as {named.name} by its IDX shapes (no recorded sha256 of uncompressed {named.name})"
+    return None, (f"custom dataset, not verified as {named.name} ({bad.path.name}: {bad.detail}); "
+                  "classes are the label numbers")
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
@@ -110,37 +176,53 @@ def _file_hashes(folder: Path) -> dict[str, str]:
 
 
 def load_dataset(
-    name: str = "mnist",
+    name: str | None = DEFAULT_DATASET,
     *,
     data_dir: str | Path | None = None,
     offline: bool = False,
     val_size: int | None = None,
 ) -> Dataset:
-    """Resolve, verify and load a dataset by name (or from `data_dir`) into tensors."""
-    spec: DatasetSpec | None = get_spec(name) if name else None
+    """Resolve, verify and load a dataset by name, or the folder `data_dir`, into tensors.
+
+    With `data_dir`, the folder is identified by its hashes (see the module docstring): `name` None
+    takes whatever it holds (as does "custom"); a known `name` it is not, by hash, gives a custom
+    dataset (or an error when it holds a different known dataset). Without `data_dir`, `name` None
+    means mnist.
+    """
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
             raise UserError(f"--data-dir {folder}: no such folder")
-        arrays = _read_idx_folder(folder)
+        spec, note = _identify(name, folder)
+        arrays = _read_idx_folder(folder, len(spec.classes) if spec is not None else MAX_CLASSES)
         source, location, hashes = "--data-dir", str(folder), _file_hashes(folder)
-    elif spec is not None and spec.name == "digits":
-        from mnistlab.data.digits import load_digits_28
-
-        arrays = load_digits_28()
-        source, location, hashes = "scikit-learn", "sklearn.datasets.load_digits", {}
     else:
-        assert spec is not None
-        source, folder = locate(spec, offline=offline)
-        arrays = _read_idx_folder(folder)
-        location, hashes = str(folder), _file_hashes(folder)
+        if name == CUSTOM:
+            raise UserError("dataset 'custom' is a folder of your own: give it with --data-dir DIR")
+        spec, note = get_spec(name or DEFAULT_DATASET), ""
+        if spec.name == "digits":
+            from mnistlab.data.digits import load_digits_28
+
+            arrays = load_digits_28()
+            source, location, hashes = "scikit-learn", "sklearn.datasets.load_digits", {}
+        else:
+            source, folder = locate(spec, offline=offline)
+            arrays = _read_idx_folder(folder, len(spec.classes))
+            location, hashes = str(folder), _file_hashes(folder)
     x_train, y_train, x_test, y_test = arrays
-    classes = spec.classes if spec is not None else tuple(str(i) for i in range(int(y_train.max()) + 1))
+    if spec is not None:
+        ds_name, classes = spec.name, spec.classes
+    else:
+        ds_name = CUSTOM
+        classes = tuple(str(i) for i in range(max(int(y_train.max()), int(y_test.max())) + 1))
 
     n = len(y_train)
     val_size = default_val_size(n) if val_size is None else val_size
     if not 0 <= val_size < n:
-        raise UserError(f"validation size {val_size} must be in 0..{n - 1}")
+        raise UserError(
+            f"validation size {val_size} does not fit {ds_name} ({location}): its {n:,} training images allow "
+            f"0 to {n - 1:,} (at least one image must be left to train on)"
+        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
     val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
     images = torch.from_numpy(np.array(x_train, dtype=np.uint8))
@@ -149,7 +231,7 @@ def load_dataset(
 
     mean, std = pixel_stats(train_images)
     return Dataset(
-        name=spec.name if spec is not None else Path(location).name,
+        name=ds_name,
         classes=classes,
         train_images=train_images,
         train_labels=train_labels,
@@ -162,4 +244,6 @@ def load_dataset(
         source=source,
         location=location,
         file_sha256=hashes,
+        spec=spec,
+        note=note,
     )

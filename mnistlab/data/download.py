@@ -1,20 +1,28 @@
-"""Verified downloads: mirrors in order, retries with backoff, .part files, atomic rename.
+"""Verified downloads: mirrors in order, retries with backoff, private .part files, atomic rename.
 
 A file reaches its final name only after its sha256 matched and its gzip and IDX structure parsed,
-so a final-named file with a wrong hash never exists, whatever is killed when.
+so a final-named file with a wrong hash never exists, whatever is killed when. Each attempt writes
+its own `.<file>.<random>.part` beside the final name, so two processes (or threads) fetching the
+same dataset never write into one file; the last rename wins, and both renames put the same
+verified bytes in place. A local write that fails (disk full, read-only or unwritable folder,
+quota) is a DiskError at once: retrying or asking another mirror cannot fix the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
 import os
+import secrets
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from mnistlab.data.idx import IdxError, decompress_if_gzip, parse_idx
 from mnistlab.data.registry import FileSpec
@@ -22,10 +30,22 @@ from mnistlab.errors import UserError
 
 MIRRORS_ENV = "MNISTLAB_MIRRORS"  # comma-separated base URLs that replace a dataset's own mirrors
 CHUNK = 1 << 16
+STALE_PART_SECONDS = 3600  # a .part untouched this long belongs to a killed download (live ones write every read)
 
 
 class DownloadError(UserError):
     """Every mirror failed for a file."""
+
+
+class DiskError(UserError):
+    """The downloaded bytes could not be written where they belong (full, read-only, no permission)."""
+
+
+def _disk_error(path: Path, e: OSError, spec: FileSpec) -> DiskError:
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += f" ({spec.size / 1e6:.1f} MB needed)"
+    return DiskError(f"cannot write {path}: {reason}")
 
 
 class _Retryable(Exception):
@@ -34,6 +54,10 @@ class _Retryable(Exception):
 
 class _NextMirror(Exception):
     """A failure that retrying the same mirror will not fix (4xx, wrong bytes)."""
+
+
+class _LocalWriteFailed(Exception):
+    """An OSError from writing the local file; args[0] is that OSError."""
 
 
 def sha256_of(path: Path) -> str:
@@ -51,7 +75,35 @@ def mirrors_for(default: Sequence[str]) -> list[str]:
     return [u if u.endswith("/") else u + "/" for u in urls]
 
 
-def _fetch_once(url: str, part: Path, cap: int, timeout: float, progress: Callable[[int], None]) -> None:
+def _create_part(final: Path, spec: FileSpec) -> tuple[Path, BinaryIO]:
+    """A new private `.<final>.<random>.part` beside `final`, opened for writing.
+
+    Exclusive creation of a random name, as tempfile.mkstemp does, but with the umask's permissions
+    rather than mkstemp's 0600, since the file becomes the cached dataset file.
+    """
+    while True:
+        part = final.with_name(f".{final.name}.{secrets.token_hex(6)}.part")
+        try:
+            return part, open(part, "xb")
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise _disk_error(final.parent, e, spec) from e
+
+
+def _remove_stale_parts(final: Path) -> None:
+    """Delete `.part` files of `final` left by killed downloads; a live download's file is recent."""
+    cutoff = time.time() - STALE_PART_SECONDS
+    for old in final.parent.glob(f".{final.name}.*.part"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # gone already, or not ours to delete: it costs disk space, nothing else
+            pass
+
+
+def _fetch_once(url: str, out: BinaryIO, cap: int, timeout: float, progress: Callable[[int], None]) -> None:
+    """GET `url` into the new file `out`, then fsync and close it."""
     request = urllib.request.Request(url, headers={"User-Agent": "mnistlab"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -59,15 +111,17 @@ def _fetch_once(url: str, part: Path, cap: int, timeout: float, progress: Callab
             if length is not None and int(length) > cap:
                 raise _NextMirror(f"Content-Length {int(length):,} exceeds the {cap:,}-byte cap")
             got = 0
-            with open(part, "wb") as out:
-                while chunk := response.read(CHUNK):
-                    got += len(chunk)
-                    if got > cap:
-                        raise _NextMirror(f"body exceeds the {cap:,}-byte cap")
+            while chunk := response.read(CHUNK):
+                got += len(chunk)
+                if got > cap:
+                    raise _NextMirror(f"body exceeds the {cap:,}-byte cap")
+                with _disk_errors():
                     out.write(chunk)
-                    progress(len(chunk))
+                progress(len(chunk))
+            with _disk_errors():
                 out.flush()
                 os.fsync(out.fileno())
+                out.close()
             if length is not None and got != int(length):
                 raise _Retryable(f"short body: {got:,} of {int(length):,} bytes")
     except urllib.error.HTTPError as e:
@@ -77,6 +131,15 @@ def _fetch_once(url: str, part: Path, cap: int, timeout: float, progress: Callab
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise _Retryable(f"{type(e).__name__}: {reason}") from e
+
+
+@contextlib.contextmanager
+def _disk_errors() -> Iterator[None]:
+    """Turn an OSError of the local file into _LocalWriteFailed, past _fetch_once's network OSError clause."""
+    try:
+        yield
+    except OSError as e:
+        raise _LocalWriteFailed(e) from e
 
 
 def _check_part(part: Path, spec: FileSpec) -> None:
@@ -106,11 +169,15 @@ def download_file(
     """Download `spec` into `dest_dir/<stem>.gz`, verified, trying each mirror in turn.
 
     Mirrors that fail are added to `failed_mirrors` when given, so a caller fetching several files
-    can try them last for the rest instead of waiting out a dead one for every file.
+    can try them last for the rest instead of waiting out a dead one for every file. A failure to
+    write locally raises DiskError at once, naming the path and the reason.
     """
-    dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / f"{spec.stem}.gz"
-    part = dest_dir / f"{spec.stem}.gz.part"
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _disk_error(dest_dir, e, spec) from e
+    _remove_stale_parts(final)
     cap = max(2 * spec.size, 1 << 20)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if show_progress is None:
@@ -119,16 +186,21 @@ def download_file(
     for base in mirrors:
         url = base + final.name
         for attempt in range(1, attempts + 1):
+            part, out = _create_part(final, spec)  # before the request: an unwritable folder costs no download
             bar = None
             if show_progress:
                 from tqdm import tqdm
 
                 bar = tqdm(total=spec.size, unit="B", unit_scale=True, desc=final.name, leave=False)
             try:
-                _fetch_once(url, part, cap, timeout, bar.update if bar else (lambda n: None))
+                _fetch_once(url, out, cap, timeout, bar.update if bar else (lambda n: None))
                 _check_part(part, spec)
                 os.replace(part, final)  # atomic on POSIX: the final name appears complete or not at all
                 return final
+            except _LocalWriteFailed as e:
+                raise _disk_error(final, e.args[0], spec) from e.args[0]
+            except OSError as e:  # the rename (or re-reading the file just written) failed
+                raise _disk_error(final, e, spec) from e
             except _Retryable as e:
                 failures.append(f"{url}: {e}")
                 if failed_mirrors is not None and attempt == attempts:
@@ -147,7 +219,10 @@ def download_file(
             finally:
                 if bar is not None:
                     bar.close()
-                part.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a failed write leaves unflushed bytes; the file goes anyway
+                    out.close()
+                with contextlib.suppress(OSError):  # never let the clean-up hide the error being raised
+                    part.unlink(missing_ok=True)
             break
     counted = {f: failures.count(f) for f in failures}  # one line per distinct failure, in order
     lines = [f + (f" (x{n})" if n > 1 else "") for f, n in counted.items()]
