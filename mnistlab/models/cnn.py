@@ -1,24 +1,25 @@
 """A modern small CNN: conv-BN-ReLU stages, max-pooling, and a small head.
 
 Three stages at 28 (or 14), 14 and 7 pixels, each `depth` conv-BN-ReLU blocks wide `widths[i]`.
-BatchNorm lets a one-cycle schedule use large learning rates, so a few epochs suffice. Shaped by
-measurements on a 2-core CPU (bench/speed.py for speed, the README for accuracy):
+BatchNorm lets a one-cycle schedule use large learning rates, so a few epochs suffice. The options
+and why they exist (measurements in docs/experiments.md; speed from bench/speed.py):
 - `stem_stride=2` runs the first conv at stride 2 instead of conv + max-pool at full resolution:
-  the 28x28 stage costs more in memory traffic than it gives in accuracy (about 25% faster).
+  on a CPU the 28x28 stage costs more in memory traffic than it gives in accuracy.
 - `head="flatten"` keeps the final 3x3 map's layout (max-pool 7 -> 3, flatten) instead of global
-  averaging, which throws away where things are: +0.5 points on Fashion-MNIST at 3 epochs.
-- `hidden` adds one fully connected layer before the classifier (cheap, +0.3 points).
+  averaging, which throws away where things are.
+- `hidden` adds one fully connected layer before the classifier, a cheap gain (0: none).
 No hard-coded flatten size: it follows from the widths (the 9216 of pytorch/examples is a wart).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from mnistlab.models.registry import register_model
+from mnistlab.models.registry import check_arg, check_positive, register_model
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -36,14 +37,21 @@ class SmallCNN(nn.Module):
         num_classes: int = 10,
         widths: Sequence[int] = (32, 64, 128),
         depth: int = 1,
-        stem_stride: int = 1,
-        head: str = "flatten",
+        stem_stride: Literal[1, 2] = 1,
+        head: Literal["flatten", "avg"] = "flatten",
         hidden: int = 256,
         dropout: float = 0.0,
     ):
         super().__init__()
-        if stem_stride not in (1, 2) or head not in ("flatten", "avg") or len(widths) != 3:
-            raise ValueError("cnn: stem_stride is 1 or 2, head is 'flatten' or 'avg', widths has 3 entries")
+        check_arg(
+            len(widths) == 3 and all(w >= 1 for w in widths),
+            "widths",
+            "a list of 3 positive integers, one per stage",
+            widths,
+        )
+        check_positive(depth=depth)
+        check_arg(hidden >= 0, "hidden", "a non-negative integer (0: no hidden layer)", hidden)
+        check_arg(0 <= dropout < 1, "dropout", "a probability in [0, 1)", dropout)
         layers: list[nn.Module] = []
         cin = in_chans
         for stage, w in enumerate(widths):

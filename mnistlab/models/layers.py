@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from mnistlab.models.registry import ModelArgError
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -15,8 +17,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 def make_activation(name: str) -> nn.Module:
-    """An activation module by name; see ACTIVATIONS for the choices."""
+    """An activation module by name; an unknown name is a ModelArgError listing ACTIVATIONS."""
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}") from None
+        raise ModelArgError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}") from None

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mnistlab.models.layers import make_activation
-from mnistlab.models.registry import register_model
+from mnistlab.models.registry import check_arg, check_positive, register_model
 
 
 @register_model("mlp", "multi-layer perceptron; hidden sizes and activation configurable")
@@ -23,6 +23,15 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        check_positive(img_size=img_size)
+        # no hidden layer at all is the linear model, where activation and dropout would do nothing
+        check_arg(
+            len(hidden) > 0 and all(h >= 1 for h in hidden),
+            "hidden",
+            "a non-empty list of positive integers (for none, use the linear model)",
+            hidden,
+        )
+        check_arg(0 <= dropout < 1, "dropout", "a probability in [0, 1)", dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_chans * img_size * img_size
         for h in hidden:

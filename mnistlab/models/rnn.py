@@ -13,13 +13,16 @@ A test proves both paths agree.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn as nn
 
-from mnistlab.models.registry import register_model
+from mnistlab.models.registry import check_positive, register_model
 
 CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
-SEQ_MODES = ("rows", "pixels", "permuted")
+SeqMode = Literal["rows", "pixels", "permuted"]
+SEQ_MODES: tuple[str, ...] = get_args(SeqMode)
 
 
 class SequenceClassifier(nn.Module):
@@ -27,16 +30,15 @@ class SequenceClassifier(nn.Module):
         self,
         in_chans: int = 1,
         num_classes: int = 10,
-        cell: str = "lstm",
-        seq: str = "rows",
+        cell: Literal["rnn", "gru", "lstm"] = "lstm",
+        seq: SeqMode = "rows",
         hidden: int = 128,
         layers: int = 1,
         bidirectional: bool = False,
         img_size: int = 28,
     ):
         super().__init__()
-        if cell not in CELLS or seq not in SEQ_MODES:
-            raise ValueError(f"cell must be one of {tuple(CELLS)}, seq one of {SEQ_MODES}")
+        check_positive(hidden=hidden, layers=layers, img_size=img_size)
         self.cell, self.seq, self.img_size = cell, seq, img_size
         input_size = in_chans * img_size if seq == "rows" else in_chans
         kwargs = dict(nonlinearity="tanh") if cell == "rnn" else {}
@@ -115,14 +117,10 @@ class SequenceClassifier(nn.Module):
         return self.head(inputs[-1]), inputs
 
 
-def _factory(cell: str):
-    def make(in_chans: int = 1, num_classes: int = 10, **kwargs) -> SequenceClassifier:
-        return SequenceClassifier(in_chans, num_classes, cell=cell, **kwargs)
-
-    return make
-
-
-register_model("rnn", "Elman RNN (tanh) reading rows, pixels or permuted pixels")(_factory("rnn"))
-register_model("gru", "GRU (Cho et al. 2014) reading rows, pixels or permuted pixels")(_factory("gru"))
-register_model("lstm", "LSTM (Hochreiter & Schmidhuber 1997) reading rows, pixels or permuted pixels")(
-    _factory("lstm"))
+# One class, three registered models: the cell is fixed by the name, not an option.
+register_model("rnn", "Elman RNN (tanh) reading rows, pixels or permuted pixels", fixed={"cell": "rnn"})(
+    SequenceClassifier)
+register_model("gru", "GRU (Cho et al. 2014) reading rows, pixels or permuted pixels", fixed={"cell": "gru"})(
+    SequenceClassifier)
+register_model("lstm", "LSTM (Hochreiter & Schmidhuber 1997) reading rows, pixels or permuted pixels",
+               fixed={"cell": "lstm"})(SequenceClassifier)

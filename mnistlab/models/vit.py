@@ -11,19 +11,21 @@ torch.nn.functional.scaled_dot_product_attention.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mnistlab.models.registry import register_model
+from mnistlab.models.registry import ModelArgError, check_arg, check_positive, register_model
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        if dim % heads:  # each head takes an equal slice of the D features
+            raise ModelArgError(f"heads={heads} does not divide dim={dim}; use a divisor such as "
+                                f"{_divisors(dim)}, or a dim that is a multiple of {heads}")
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -40,6 +42,11 @@ class Attention(nn.Module):
         return self.proj(out)
 
 
+def _divisors(n: int) -> str:
+    """The divisors of n other than 1 and n (or n itself if prime), in words: '2, 4, 7, 14'."""
+    return ", ".join(str(d) for d in range(2, n) if n % d == 0) or str(n)
+
+
 def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)): dividing by sqrt(d) keeps the logits' variance near 1 for any d,
     so the softmax does not saturate (Vaswani et al. 2017, section 3.2.1)."""
@@ -48,9 +55,9 @@ def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor
 
 class PatchEmbed(nn.Conv2d):
     """A conv with stride = kernel size is one linear map applied to every patch. It is computed as such:
-    cut the image into patches, one matmul. Same numbers as the conv (a test checks), and ~0.5-2 ms less per
-    training step on CPU, where the conv's backward for one input channel is slow. Weights keep the conv's
-    shape (D, C, p, p), so FLOP counting and checkpoints see a Conv2d."""
+    cut the image into patches, one matmul. Same numbers as the conv (a test checks), and faster per
+    training step on CPU, where the conv's backward for one input channel is slow (see docs/experiments.md).
+    Weights keep the conv's shape (D, C, p, p), so FLOP counting and checkpoints see a Conv2d."""
 
     def __init__(self, in_chans: int, dim: int, patch: int):
         super().__init__(in_chans, dim, patch, stride=patch)
@@ -88,12 +95,19 @@ class ViT(nn.Module):
         depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 2.0,
-        pool: str = "mean",  # mean of the patch tokens: 90.05% vs 89.61% for a class token (Fashion-MNIST)
+        # mean of the patch tokens: no extra token that must learn to gather everything, and it did at
+        # least as well as a class token here (see docs/experiments.md)
+        pool: Literal["mean", "cls"] = "mean",
         dropout: float = 0.0,
     ):
         super().__init__()
-        if img_size % patch or pool not in ("cls", "mean"):
-            raise ValueError("vit: patch must divide img_size; pool is 'cls' or 'mean'")
+        check_positive(img_size=img_size, patch=patch, dim=dim, depth=depth, heads=heads)
+        if img_size % patch:
+            raise ModelArgError(f"patch={patch} does not divide the image size {img_size}; "
+                                f"use a divisor such as {_divisors(img_size)}")
+        check_arg(dim * mlp_ratio >= 1, "mlp_ratio", f"a positive number with dim * mlp_ratio >= 1 (dim={dim})",
+                  mlp_ratio)
+        check_arg(0 <= dropout < 1, "dropout", "a probability in [0, 1)", dropout)
         self.pool = pool
         n_patches = (img_size // patch) ** 2
         self.patch_embed = PatchEmbed(in_chans, dim, patch)
