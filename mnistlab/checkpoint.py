@@ -2,15 +2,16 @@
 in its JSON metadata header, everything else (model name and kwargs, step, epoch, config).
 
 No pickle anywhere: safetensors stores raw tensors and a JSON header, so loading a file from a
-stranger cannot run code. Writes are atomic: a temporary file in the same folder, fsync, rename,
-fsync of the folder; a kill at any moment leaves the previous complete checkpoint readable.
+stranger cannot run code. Writes are atomic (files.py): a kill at any moment leaves the previous
+complete checkpoint readable. The header records a sha256 of the tensor data (`payload_sha256`),
+checked on every load: safetensors itself checks only the layout, so flipped bytes inside a tensor
+would otherwise load as silently wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +21,28 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from mnistlab.errors import UserError
+from mnistlab.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported for callers)
 
 CHECKPOINT = "checkpoint.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: payload_sha256 in the header
+MODEL_META = ("model", "model_kwargs", "in_chans", "num_classes")  # what rebuilding the model needs
+RUN_META = (*MODEL_META, "classes", "mean", "std", "config", "step")  # what evaluating or resuming a run needs
 
 
-class NonFiniteCheckpoint(RuntimeError):
-    """Refusal to write a checkpoint holding NaN or Inf."""
+class NonFiniteCheckpoint(UserError):
+    """Refusal to write a checkpoint holding NaN or Inf: the run diverged (exit status 1)."""
+
+    exit_code = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is always either the old or the new complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -110,8 +102,8 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteCheckpoint(f"refusing to write a checkpoint with non-finite values in {', '.join(bad[:5])}")
-    meta = dict(meta, format_version=FORMAT_VERSION)
-    atomic_write_bytes(path, st_save(tensors, metadata={"mnistlab": json.dumps(meta)}))
+    meta = dict(meta, format_version=FORMAT_VERSION, payload_sha256=payload_sha256(tensors))
+    atomic_write_bytes(path, st_save(tensors, metadata={"mnistlab": json.dumps(meta, allow_nan=False)}))
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -124,9 +116,32 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         meta = json.loads(header["__metadata__"]["mnistlab"])
     except FileNotFoundError:
         raise UserError(f"{path}: no checkpoint there") from None
-    except (SafetensorError, KeyError, ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable mnistlab checkpoint ({e})") from e
+    except (SafetensorError, KeyError, ValueError, OSError, TypeError) as e:
+        raise UserError(f"{path}: not a readable mnistlab checkpoint ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a readable mnistlab checkpoint (its metadata is not an object)")
+    recorded = meta.get("payload_sha256")
+    if recorded is None and meta.get("format_version", 1) >= 2:
+        raise UserError(f"{path}: the checkpoint's metadata lacks payload_sha256")
+    if recorded is not None and recorded != payload_sha256(tensors):
+        raise UserError(f"{path}: the tensor data does not match the checksum recorded when it was saved "
+                        "(the file is damaged); refusing to load it")
     return tensors, meta
+
+
+def require_meta(meta: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise UserError(f"{path}: the checkpoint's metadata lacks {', '.join(missing)}")
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """model.load_state_dict, with a checkpoint that does not fit the model as one clear line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"{path}: the checkpoint does not fit the model it names ({detail[:300]})") from None
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -140,9 +155,12 @@ def load_into(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load weights (and optimizer state) from `path` into existing objects; return (meta, extra)."""
     tensors, meta = read_checkpoint(path)
-    model.load_state_dict(prefixed(tensors, "model"))
+    load_state(model, prefixed(tensors, "model"), path)
     if optimizer is not None:
-        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        try:
+            _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise UserError(f"{path}: its optimizer state does not fit this run ({e})") from None
     return meta, prefixed(tensors, "extra")
 
 
@@ -151,7 +169,12 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn
     from mnistlab.models import create_model
 
     tensors, meta = read_checkpoint(path)
-    model = create_model(meta["model"], in_chans=meta["in_chans"], num_classes=meta["num_classes"],
-                         **meta["model_kwargs"])
-    model.load_state_dict(prefixed(tensors, "model"))
-    return model.to(device).eval(), meta
+    require_meta(meta, MODEL_META, path)
+    try:
+        model = create_model(meta["model"], in_chans=meta["in_chans"], num_classes=meta["num_classes"],
+                             **meta["model_kwargs"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot rebuild the model it names ({e})") from None
+    load_state(model, prefixed(tensors, "model"), path)
+    # channels-last as in training (train.py): the same conv kernels, so eval repeats results.json's numbers
+    return model.to(device).to(memory_format=torch.channels_last).eval(), meta

@@ -110,44 +110,6 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _nonneg_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
-    return value
-
-
-def _step_list(text: str) -> list[int]:
-    try:
-        steps = sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
-    if not steps or steps[0] < 0:
-        raise argparse.ArgumentTypeError("steps must be >= 0")
-    return steps
-
-
 def _model_arg(text: str) -> tuple[str, object]:
     import json
 
@@ -161,48 +123,98 @@ def _model_arg(text: str) -> tuple[str, object]:
     return key.replace("-", "_"), value
 
 
-TRAIN_FLAGS = ("dataset", "data_dir", "offline", "val_size", "model", "model_kwargs", "engine", "epochs",
-               "batch_size", "lr", "optimizer", "schedule", "warmup", "weight_decay", "label_smoothing", "grad_clip",
-               "augment", "erase", "hflip", "tta", "tta_shifts", "grad_flow", "grad_flow_steps", "seed",
-               "deterministic", "device", "threads", "eval_batch_size", "run_dir", "recipe")
+def _arg_type(kind: str):
+    """An argparse type for a config field kind (config.KINDS): parse the text, then the same check."""
+    from mnistlab.config import KINDS
+
+    check, accepts = KINDS[kind]
+
+    def parse(text: str):
+        try:
+            if kind == "steps":
+                value = sorted({int(s) for s in text.split(",") if s.strip()})
+            elif kind in ("positive_int", "seed"):
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
+        return value
+
+    parse.__name__ = kind  # argparse names the type in its own messages
+    return parse
+
+
+def _add_train_parser(sub) -> None:
+    """`mnistlab train`: one flag per TrainConfig field, declared once in config.py."""
+    from dataclasses import fields
+
+    from mnistlab.config import RECIPES, TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train a model; writes a run folder",
+        description="Train a model. Precedence: defaults < the model's defaults < the dataset's < --recipe < "
+                    "explicit flags. Recipes (each belongs to its model): "
+                    + "; ".join(f"{k} ({v['model']}): {v['doc']}" for k, v in RECIPES.items()) + ".",
+    )
+    groups = {name: p.add_argument_group(name) for name in ("data", "model", "optimisation", "run")}
+    for f in fields(TrainConfig):
+        m = f.metadata
+        if not m["flag"]:
+            continue
+        flag, kw = "--" + f.name.replace("_", "-"), dict(help=m["help"], default=None)
+        if m["kind"] == "bool":
+            kw["action"] = "store_true"
+        elif f.name == "recipe":
+            kw["choices"] = sorted(RECIPES)
+        elif m["choices"]:
+            kw["choices"] = m["choices"]
+        elif m["kind"] != "str":
+            kw["type"] = _arg_type(m["kind"])
+        if f.name in ("data_dir", "run_dir"):
+            kw["metavar"] = "DIR"
+        groups[m["group"]].add_argument(flag, **kw)
+    g = groups["model"]
+    g.add_argument("--seq", choices=("rows", "pixels", "permuted"),
+                   help="rnn/gru/lstm: read 28 rows, 784 pixels, or 784 pixels in a seeded fixed order")
+    g.add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE",
+                   help="a model option, repeatable: --model-arg widths=[16,32,64] --model-arg activation=gelu")
+    groups["run"].add_argument("--resume", metavar="RUN_DIR",
+                               help="continue the run in RUN_DIR from its last checkpoint, with the configuration "
+                                    "the checkpoint records (only --device and --threads may be given)")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from dataclasses import fields
 
-    from mnistlab.checkpoint import CHECKPOINT
     from mnistlab.config import TrainConfig, resolve_config
 
-    explicit = {k: getattr(args, k, None) for k in TRAIN_FLAGS}
-    explicit["model_kwargs"] = dict(args.model_arg or [])
+    explicit = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig) if f.metadata["flag"]}
+    model_kwargs = dict(args.model_arg or [])
     if args.seq is not None:
-        explicit["model_kwargs"]["seq"] = args.seq
-    explicit["offline"] = args.offline or None
-    explicit["deterministic"] = args.deterministic or None
-    explicit["grad_flow"] = args.grad_flow or None
+        model_kwargs["seq"] = args.seq
     if args.resume:
-        run_dir = Path(args.resume)
-        if (run_dir / "config.json").is_file() and TrainConfig.load(run_dir / "config.json").engine == "scratch":
-            raise UserError(f"--resume {run_dir}: a scratch-engine run cannot be resumed (the torch engine's can)")
-        given = [k for k, v in explicit.items() if v not in (None, {}) and k not in ("device", "threads")]
+        given = [k for k, v in explicit.items() if v is not None and k not in ("device", "threads")]
+        if model_kwargs:
+            given.append("model_arg")
         if given:
             raise UserError(f"--resume continues with the run's saved config; drop "
                             f"{', '.join('--' + k.replace('_', '-') for k in given)}")
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"--resume {run_dir}: no config.json there (not a run folder?)")
-        cfg = TrainConfig.load(run_dir / "config.json")
-        cfg.run_dir = str(run_dir)
-        cfg.device = args.device or cfg.device
-        cfg.threads = args.threads or cfg.threads
-        if not (run_dir / CHECKPOINT).is_file():
-            raise UserError(f"--resume {run_dir}: no checkpoint yet (it stopped before its first epoch ended); "
-                            "start it again without --resume")
+        cfg = TrainConfig(run_dir=args.resume, threads=args.threads)
+        cfg.device = args.device  # None: as the run was trained (train() takes the rest from the checkpoint)
     else:
+        explicit["model_kwargs"] = model_kwargs
+        if args.data_dir is not None and args.dataset is None:
+            explicit["dataset"] = None  # with --data-dir, the folder's files say what it holds
         cfg = resolve_config(explicit)
+        if args.data_dir is not None and args.dataset is None:
+            cfg.dataset = None
         if cfg.engine == "scratch":
             from mnistlab.scratch import train as scratch_train
 
-            scratch_train.check_supported(cfg)
             scratch_train.train(cfg)
             return 0
         from mnistlab.models import create_model, model_entry
@@ -223,26 +235,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mnistlab.checkpoint import CHECKPOINT, load_model
     from mnistlab.config import TrainConfig
     from mnistlab.data.dataset import load_dataset
     from mnistlab.evaluate import EvalResult, evaluate, per_class_accuracy
+    from mnistlab.train import load_run_checkpoint
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
-    cfg = TrainConfig.load(run_dir / "config.json")
-    if cfg.engine == "scratch":
-        from mnistlab.scratch import train as scratch_train
-
-        model, meta = scratch_train.load_model(run_dir / CHECKPOINT)
-    else:
-        model, meta = load_model(run_dir / CHECKPOINT)
-    cfg = TrainConfig.from_dict(meta["config"])
+    model, meta = load_run_checkpoint(run_dir)  # the checkpoint holds all it needs; config.json is not read
+    cfg = TrainConfig.from_dict(meta["config"], source=f"{run_dir}: the checkpoint's config")
     ds = load_dataset(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, offline=args.offline or cfg.offline,
                       val_size=cfg.val_size)
     images, labels = ds.split(args.split)
-    if cfg.engine == "scratch":
+    if meta.get("engine") == "scratch":
+        from mnistlab.scratch import train as scratch_train
+
         if args.tta == "on" or args.tta_shifts == "on":
             raise UserError("--tta, --tta-shifts: the scratch engine evaluates plain images only")
         loss, accuracy, preds = scratch_train.evaluate(model, images.numpy(), labels.numpy(), meta["mean"],
@@ -254,15 +260,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta, shift_tta=shifts)
     cm = result.confusion(len(ds.classes))
     per_class = per_class_accuracy(cm)
+    engine = meta.get("engine", "torch")
     if args.json:
         print(json.dumps(dict(run_dir=str(run_dir), split=args.split, dataset=ds.name, model=meta["model"],
-                              engine=cfg.engine,
-                              step=meta["step"], accuracy=result.accuracy, loss=result.loss,
+                              engine=engine, step=meta["step"], accuracy=result.accuracy, loss=result.loss,
                               per_class_accuracy=dict(zip(ds.classes, per_class.tolist(), strict=True)),
-                              confusion=cm.tolist()), indent=2))
+                              confusion=cm.tolist()), indent=2, allow_nan=False))
         return 0
-    engine = " (scratch engine)" if cfg.engine == "scratch" else ""
-    print(f"{run_dir}: {meta['model']}{engine} on {ds.name} {args.split} ({len(labels):,} images), step {meta['step']}")
+    label = " (scratch engine)" if engine == "scratch" else ""
+    print(f"{run_dir}: {meta['model']}{label} on {ds.name} {args.split} ({len(labels):,} images), step {meta['step']}")
     print(f"accuracy {result.accuracy:.2%}   loss {result.loss:.4f}\n")
     name_w = max(len(c) for c in ds.classes)
     print(f"{'class':<{name_w + 4}}  accuracy")
@@ -339,96 +345,41 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mnistlab",
-        description="A deep-learning lab around MNIST and its family: data, models, training, "
-                    "and no black boxes.",
-    )
-    from mnistlab import __version__
+def _add_eval_parser(sub) -> None:
+    from mnistlab.config import TrainConfig
 
-    parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from mnistlab.config import RECIPES
-
-    p = sub.add_parser(
-        "train", help="train a model; writes a run folder",
-        description="Train a model. Precedence: defaults < the model's defaults < --recipe < explicit flags. "
-                    "Recipes: " + "; ".join(f"{k}: {v['doc']}" for k, v in RECIPES.items()) + ".",
-    )
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="mnist, fashion-mnist, kmnist or digits (default: mnist)")
-    _add_data_source_flags(g)
-    g.add_argument("--val-size", type=int, help="validation images carved from train (default: 5000)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="a name from `mnistlab models` (default: cnn)")
-    g.add_argument("--engine", choices=("torch", "scratch"),
-                   help="torch (default), or scratch: mnistlab's own numpy autograd engine (mlp and cnn)")
-    g.add_argument("--seq", choices=("rows", "pixels", "permuted"),
-                   help="rnn/gru/lstm: read 28 rows, 784 pixels, or 784 pixels in a seeded fixed order")
-    g.add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE",
-                   help="a model option, repeatable: --model-arg widths=[16,32,64] --model-arg activation=gelu")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--recipe", choices=sorted(RECIPES), help="a named, documented set of values")
-    g.add_argument("--epochs", type=_positive_int, help="passes over the training set")
-    g.add_argument("--batch-size", type=_positive_int, help="images per step")
-    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (momentum 0.9, Nesterov) or adamw")
-    g.add_argument("--schedule", choices=("onecycle", "cosine", "constant"),
-                   help="learning-rate schedule after the warm-up")
-    g.add_argument("--warmup", type=_fraction, help="fraction of all steps spent warming up (default: 0.2)")
-    g.add_argument("--weight-decay", type=_nonneg_float, help="decoupled (adamw) or L2 (sgd) weight decay")
-    g.add_argument("--label-smoothing", type=_fraction, help="label smoothing in [0, 1)")
-    g.add_argument("--grad-clip", type=_positive_float, help="clip the global gradient norm to this value")
-    g.add_argument("--augment", choices=("none", "shift", "affine"),
-                   help="batched on-device augmentation: random +-2 px shifts, or affine warps")
-    g.add_argument("--erase", type=_fraction, metavar="P",
-                   help="random erasing: blank one random rectangle (2-25%% of the image) with probability P")
-    g.add_argument("--hflip", choices=("off", "on", "auto"),
-                   help="random left-right flips; auto: only for mirror-symmetric datasets (fashion-mnist)")
-    g.add_argument("--tta", choices=("off", "on", "auto"),
-                   help="evaluate on each image and its mirror image, averaging probabilities; "
-                        "auto (default): when training used flips")
-    g.add_argument("--tta-shifts", choices=("off", "on"),
-                   help="final evaluation also averages over each image moved 1 pixel in each of 8 directions "
-                        "(9x the views; per-epoch validation goes without)")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, help="seeds weights, order, dropout and augmentation (default: 0)")
-    g.add_argument("--deterministic", action="store_true", help="force deterministic kernels (GPU)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="where to train (default: auto)")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads (default: one per core)")
-    g.add_argument("--grad-flow", action="store_true",
-                   help="record gradient norms per layer, and per time step for rnn/gru/lstm (grad_flow.jsonl)")
-    g.add_argument("--grad-flow-steps", type=_step_list, metavar="S1,S2,...",
-                   help="steps to record at (default: step 0 and the last step of each epoch)")
-    g.add_argument("--eval-batch-size", type=_positive_int, help="images per evaluation batch (default: 1000)")
-    g.add_argument("--run-dir", metavar="DIR", help="the run folder (default: runs/<time>-<dataset>-<model>)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.set_defaults(func=cmd_train)
-
+    tta_help = {f: TrainConfig.__dataclass_fields__[f].metadata["help"] for f in ("tta", "tta_shifts")}
     p = sub.add_parser("eval", help="evaluate a run folder: accuracy, per-class accuracy, confusion",
-                       description="Rebuild the model from RUN_DIR alone and evaluate it.")
+                       description="Rebuild the model from RUN_DIR's checkpoint alone and evaluate it.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split (default: test)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    # the same values as in train; here auto means: as the run was trained
     p.add_argument("--tta", choices=("off", "on", "auto"), default="auto",
-                   help="average each image's and its mirror image's probabilities; auto (default): as in training")
+                   help=tta_help["tta"].split(";")[0] + "; auto (default): as in training")
     p.add_argument("--tta-shifts", choices=("off", "on", "auto"), default="auto",
-                   help="also average over 1-pixel shifts in 8 directions; auto (default): as in training")
+                   help=tta_help["tta_shifts"].split(";")[0] + "; auto (default): as in training")
     _add_data_source_flags(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description")
+
+def _add_models_parser(sub) -> None:
+    p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description",
+                       description="The model zoo: each model's parameters, forward MFLOPs and description.")
     p.set_defaults(func=cmd_models)
 
+
+def _add_plot_parser(sub) -> None:
     plot = sub.add_parser("plot", help="pictures of a run", description="Pictures drawn from a run folder.")
     psub = plot.add_subparsers(dest="plot_command", required=True, metavar="KIND")
-    p = psub.add_parser("grad-flow", help="gradient norms per time step and per layer (train with --grad-flow)")
+    p = psub.add_parser("grad-flow", help="gradient norms per time step and per layer (train with --grad-flow)",
+                        description="Draw the gradient norms a run recorded with --grad-flow.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with --grad-flow")
     p.add_argument("-o", "--output", default="grad_flow.png", help="PNG file to write (default: grad_flow.png)")
     p.set_defaults(func=cmd_plot_grad_flow)
 
+
+def _add_lab_parser(sub) -> None:
     from mnistlab.labs import LABS
 
     p = sub.add_parser("lab", help="the notes' principles, runnable: checks and a figure",
@@ -438,33 +389,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="PNG file for the figure (default: lab_<topic>.png)")
     p.set_defaults(func=cmd_lab)
 
+
+def _add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="list, fetch, verify and show datasets",
                           description="Datasets: mnist, fashion-mnist, kmnist (IDX, 60k/10k) and "
                                       "digits (scikit-learn's bundled 8x8 digits, no download).")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
-    p = dsub.add_parser("list", help="each dataset, its size and where it was found")
+    p = dsub.add_parser("list", help="each dataset, its size and where it was found",
+                        description="Each dataset, its size, and where it was found (or 'not present').")
     p.set_defaults(func=cmd_data_list)
 
-    p = dsub.add_parser("fetch", help="download a dataset into the cache and verify it")
+    p = dsub.add_parser("fetch", help="download a dataset into the cache and verify it",
+                        description="Download a dataset into the cache and verify it (nothing to do when present).")
     p.add_argument("name", help="dataset name (see `mnistlab data list`)")
     p.add_argument("--offline", action="store_true", help="only check what is on disk")
     p.set_defaults(func=cmd_data_fetch)
 
-    p = dsub.add_parser("verify", help="check the hash and IDX header of every file (exit 0 or 2)")
+    p = dsub.add_parser("verify", help="check the hash and IDX header of every file (exit 0 or 2)",
+                        description="Check the hash and IDX header of every file of a dataset (exit 0 or 2).")
     p.add_argument("name", help="dataset name whose hashes to check against")
     p.add_argument("--data-dir", metavar="DIR", help="verify this folder instead of the one found")
     p.set_defaults(func=cmd_data_verify)
 
-    p = dsub.add_parser("show", help="save a labelled grid of samples as a PNG")
+    p = dsub.add_parser("show", help="save a labelled grid of samples as a PNG",
+                        description="Save a grid of samples as a PNG, one row per class.")
     p.add_argument("name", help="dataset name (see `mnistlab data list`)")
     p.add_argument("-o", "--output", default="grid.png", help="PNG file to write (default: grid.png)")
     p.add_argument("--split", choices=("train", "val", "test"), default="train",
                    help="which split to sample from (default: train)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="which samples to draw (default: 0)")
+    p.add_argument("--per-class", type=_arg_type("positive_int"), default=8, help="samples per class (default: 8)")
+    p.add_argument("--seed", type=_arg_type("seed"), default=0, help="which samples to draw (default: 0)")
     _add_data_source_flags(p)
     p.set_defaults(func=cmd_data_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mnistlab import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mnistlab",
+        description="A deep-learning lab around MNIST and its family: data, models, training, "
+                    "and no black boxes.",
+    )
+    parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train_parser, _add_eval_parser, _add_models_parser, _add_plot_parser, _add_lab_parser,
+                _add_data_parser):
+        add(sub)
     return parser
 
 

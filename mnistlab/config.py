@@ -1,77 +1,190 @@
 """The one configuration of a training run, its per-model defaults, and the named recipes.
 
+Every training field is declared once, here: its default, its help text, and what values it accepts.
+The `mnistlab train` flags are generated from these declarations (cli.py), and the same checks run
+whenever a config is built, from flags or from a config.json, so `schedule="cosin"` is refused with
+one clear line instead of training with some other schedule.
+
 Precedence, lowest first: the dataclass defaults, the model's defaults (MODEL_DEFAULTS), the
 dataset's adjustments (DATASET_DEFAULTS: a small set needs smaller batches and more epochs to take
-enough steps), the recipe (RECIPES), then the flags given on the command line. The resolved config is printed at
-the start of a run and saved as config.json in its folder; `--resume` reads it back.
+enough steps), the recipe (RECIPES), then the flags given on the command line. The resolved config
+is printed at the start of a run and saved as config.json in its folder; the checkpoint carries it
+too, and `--resume` takes it from there.
+
+Why the defaults are what they are: docs/experiments.md holds the measurements.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mnistlab.errors import UserError
 
+# What a field accepts. Each kind is a check on the parsed value (CLI and config.json alike).
+SEED_MAX = 2**63 - 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+KINDS: dict[str, tuple[Any, str]] = {
+    # kind: (predicate, what it accepts)
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "positive_int": (lambda v: _is_int(v) and 1 <= v <= 2**31 - 1, "an integer from 1 to 2147483647"),
+    "seed": (lambda v: _is_int(v) and 0 <= v <= SEED_MAX, f"an integer from 0 to {SEED_MAX}"),
+    "positive_float": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "nonneg_float": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "fraction": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "steps": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(s) and s >= 0 for s in v),
+              "a non-empty list of step numbers >= 0"),
+    "dict": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
+def opt(default: Any, help: str, kind: str = "str", *, choices: tuple[str, ...] | None = None,
+        optional: bool = False, flag: bool = True, group: str = "run") -> Any:
+    """A config field with its help text and the values it accepts (read by the CLI and by validate)."""
+    meta = dict(help=help, kind=kind, choices=choices, optional=optional, flag=flag, group=group)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    offline: bool = False
-    val_size: int | None = None  # None: 5,000 (a tenth of train for small sets)
+    dataset: str | None = opt("mnist", "mnist, fashion-mnist, kmnist or digits (default: mnist; with --data-dir: "
+                              "what the folder's files are)", optional=True, group="data")
+    data_dir: str | None = opt(None, "a folder holding the four standard IDX files (gzipped or not); searched "
+                               "before everything else", optional=True, group="data")
+    offline: bool = opt(False, "never download; fail with the offline choices when the dataset is not on disk",
+                        "bool", group="data")
+    val_size: int | None = opt(None, "validation images carved from train (default: 5000, a tenth for small sets)",
+                               "positive_int", optional=True, group="data")
     # model
-    model: str = "cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    engine: str = "torch"  # torch, or scratch: the numpy engine of mnistlab.scratch (mlp and cnn)
+    model: str = opt("cnn", "a name from `mnistlab models` (default: cnn)", group="model")
+    model_kwargs: dict[str, Any] = opt({}, "model options (--model-arg KEY=VALUE, --seq)", "dict", flag=False,
+                                       group="model")
+    engine: str = opt("torch", "torch, or scratch: mnistlab's own numpy autograd engine (mlp and cnn)",
+                      choices=("torch", "scratch"), group="model")
     # optimisation
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"  # sgd (momentum 0.9, Nesterov) or adamw
-    schedule: str = "onecycle"  # onecycle, cosine or constant; all with linear warm-up
-    warmup: float = 0.2  # fraction of all steps spent warming up (onecycle's rise)
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    augment: str = "none"  # none, shift (+-2 px) or affine (rotate, scale, shear, shift)
-    erase: float = 0.0  # random erasing: probability of blanking one random rectangle of each training image
-    hflip: str = "off"  # random left-right flips: on, off, or auto (on for mirror-symmetric datasets only)
-    tta: str = "auto"  # evaluate on each image and its mirror image: on, off, or auto (on when trained with flips)
-    tta_shifts: str = "off"  # final evaluation also over 1-pixel shifts in 8 directions: on or off
+    epochs: int = opt(5, "passes over the training set", "positive_int", group="optimisation")
+    batch_size: int = opt(128, "images per step", "positive_int", group="optimisation")
+    lr: float = opt(0.05, "peak learning rate", "positive_float", group="optimisation")
+    optimizer: str = opt("sgd", "sgd (momentum 0.9, Nesterov) or adamw", choices=("sgd", "adamw"),
+                         group="optimisation")
+    schedule: str = opt("onecycle", "learning-rate schedule after the linear warm-up",
+                        choices=("onecycle", "cosine", "constant"), group="optimisation")
+    warmup: float = opt(0.2, "fraction of all steps spent warming up", "fraction", group="optimisation")
+    weight_decay: float = opt(5e-4, "decoupled (adamw) or L2 (sgd) weight decay; not on biases and norms",
+                              "nonneg_float", group="optimisation")
+    label_smoothing: float = opt(0.0, "label smoothing in [0, 1)", "fraction", group="optimisation")
+    grad_clip: float | None = opt(None, "clip the global gradient norm to this value (default: no clipping)",
+                                  "positive_float", optional=True, group="optimisation")
+    augment: str = opt("none", "batched on-device augmentation: random +-2 px shifts, or affine warps",
+                       choices=("none", "shift", "affine"), group="optimisation")
+    erase: float = opt(0.0, "random erasing: blank one random rectangle (2-25%% of the image) of each training "
+                       "image with this probability", "fraction", group="optimisation")
+    hflip: str = opt("off", "random left-right flips; auto: only for mirror-symmetric datasets (fashion-mnist)",
+                     choices=("off", "on", "auto"), group="optimisation")
+    tta: str = opt("auto", "evaluate each image and its mirror image, averaging probabilities; auto: when "
+                   "training used flips", choices=("off", "on", "auto"), group="optimisation")
+    tta_shifts: str = opt("off", "final evaluation also averages over each image moved 1 pixel in 8 directions "
+                          "(9x the views; per-epoch validation goes without); auto: when training used "
+                          "--augment shift", choices=("off", "on", "auto"), group="optimisation")
     # diagnostics
-    grad_flow: bool = False  # record gradient norms per layer (and per time step for rnn/gru/lstm)
-    grad_flow_steps: list[int] | None = None  # steps to record at; None: step 0 and each epoch's last step
+    grad_flow: bool = opt(False, "record gradient norms per layer, and per time step for rnn/gru/lstm "
+                          "(grad_flow.jsonl)", "bool")
+    grad_flow_steps: list[int] | None = opt(None, "steps to record at (default: step 0 and the last step of each "
+                                            "epoch)", "steps", optional=True)
     # reproducibility and hardware
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"  # auto, cpu, cuda or mps
-    threads: int | None = None  # CPU threads; None: PyTorch's default (one per core)
-    eval_batch_size: int = 1000
+    seed: int = opt(0, "seeds weights, order, dropout and augmentation", "seed")
+    deterministic: bool = opt(False, "force deterministic kernels (GPU)", "bool")
+    device: str = opt("auto", "where to train: auto picks cuda, then mps, then cpu",
+                      choices=("auto", "cpu", "cuda", "mps"))
+    threads: int | None = opt(None, "CPU threads (default: one per core; more than the cores is capped)",
+                              "positive_int", optional=True)
+    eval_batch_size: int = opt(1000, "images per evaluation batch", "positive_int")
     # bookkeeping
-    run_dir: str | None = None
-    recipe: str | None = None
+    run_dir: str | None = opt(None, "the run folder (default: runs/<time>-<dataset>-<model>)", optional=True)
+    recipe: str | None = opt(None, "a named, documented set of values for its model (see above)", optional=True,
+                             group="optimisation")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse any value a field does not accept, naming the field and what it takes."""
+        problems = []
+        for f in fields(self):
+            value, m = getattr(self, f.name), f.metadata
+            if value is None and m["optional"]:
+                continue
+            check, accepts = KINDS[m["kind"]]
+            if m["choices"] is not None:
+                ok, accepts = value in m["choices"], "one of " + ", ".join(m["choices"])
+            else:
+                ok = check(value)
+            if not ok:
+                problems.append(f"{f.name} = {value!r} (expected {accepts})")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            problems.append(f"recipe = {self.recipe!r} (known recipes: {', '.join(RECIPES)})")
+        if problems:
+            raise UserError("invalid config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        return json.dumps(asdict(self), indent=2, allow_nan=False)
+
+    def describe(self, width: int = 100) -> str:
+        """The config as readable lines of key=value (printed at the start of a run)."""
+        lines, line = [], "config:"
+        for key, value in asdict(self).items():
+            item = f" {key}={json.dumps(value)}"
+            if len(line) + len(item) > width:
+                lines.append(line)
+                line = "  "
+            line += item
+        return "\n".join([*lines, line])
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: Any, source: str = "config") -> TrainConfig:
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected a JSON object of config fields")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise UserError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+            raise UserError(f"{source} has unknown keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config.json; a missing, unreadable or invalid file is a one-line UserError."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable config ({e})") from None
+        return cls.from_dict(data, source=str(path))
 
 
-# Defaults that give a good result with no flags at all, per model (measured: see the README).
+# Defaults that give a good result with no flags at all, per model (docs/experiments.md: how they were chosen).
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": dict(epochs=5, batch_size=128, lr=0.01, optimizer="adamw", weight_decay=0.0),
     "mlp": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.05),
@@ -82,10 +195,9 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "rnn": dict(epochs=8, batch_size=128, lr=3e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
     "gru": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
     "lstm": dict(epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.01, grad_clip=1.0),
-    # flips: a 7x7 patch grid maps onto itself under a mirror, so the patches stay aligned (shifts do not,
-    # and cost accuracy at this budget). Batch 256: 22% more images/s than 128 (fewer, larger matmuls for the
-    # same per-step overhead), so 18 epochs fit 5 CPU-minutes (~250 s of training on 2 cores); measured
-    # 90.26 / 90.20 / 89.94% over seeds 0-2, against 89.80 / 89.85 / 89.38% for 15 epochs at batch 128
+    # flips, not shifts: a 7x7 patch grid maps onto itself under a mirror, so the patches stay aligned, while
+    # a shift misaligns them. Batch 256 gives more images/s than 128 (fewer, larger matmuls for the same per-step
+    # overhead), so 18 epochs fit 5 CPU-minutes on 2 cores.
     "vit": dict(epochs=18, batch_size=256, lr=1.5e-3, optimizer="adamw", weight_decay=0.05, label_smoothing=0.1,
                 schedule="cosine", warmup=0.1, grad_clip=1.0, hflip="auto"),
 }
@@ -95,7 +207,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(epochs=15, batch_size=64),
 }
 
-# Named recipes. Each documents what it is for; explicit flags override any of its values.
+# Named recipes. A recipe belongs to its model (its learning rate and optimizer were tuned for it):
+# combining one with another --model is refused. Explicit flags override any of its values.
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": dict(
         doc="the quickest route to about 91.5% on Fashion-MNIST (the classic example's 3-epoch mark)",
@@ -103,12 +216,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr=0.2, optimizer="sgd", schedule="onecycle", warmup=0.25, weight_decay=5e-4, label_smoothing=0.1,
         augment="none",
     ),
-    # Narrower and longer wins at a fixed budget (Fashion-MNIST, seed 0, test accuracy with flip TTA): 32-64-128
-    # for 19 epochs 93.45% (527 s of training on 2 cores), 24-48-96 (1.8x the images/s) for 30 epochs 93.59-93.86%;
-    # two convs per stage (24-48-96, 11 epochs) 93.40%. Averaging over 1-pixel shifts at the end adds 0.07-0.51
-    # points on every checkpoint we tried: this recipe measured 94.11% in 534 s of training, 598 s wall (README).
+    # A narrower network for more epochs beat wider or deeper ones at the same budget, and averaging over
+    # 1-pixel shifts at the end adds accuracy for a model trained with shifts (docs/experiments.md).
     "best": dict(
-        doc="the highest accuracy within 10 CPU-minutes (2 cores)",
+        doc="the highest accuracy we found within 10 CPU-minutes (2 cores)",
         model="cnn", model_kwargs=dict(widths=[24, 48, 96], stem_stride=2, hidden=512),
         epochs=30, batch_size=256, lr=0.1, optimizer="sgd", schedule="onecycle", warmup=0.2, weight_decay=5e-4,
         label_smoothing=0.1, augment="shift", hflip="auto", tta_shifts="on",
@@ -125,9 +236,11 @@ def resolve_config(explicit: dict[str, Any]) -> TrainConfig:
         if recipe_name not in RECIPES:
             raise UserError(f"unknown recipe {recipe_name!r}; known recipes: {', '.join(RECIPES)}")
         recipe = {k: v for k, v in RECIPES[recipe_name].items() if k != "doc"}
+        if explicit.get("model", recipe["model"]) != recipe["model"]:
+            raise UserError(f"--recipe {recipe_name} is a recipe for --model {recipe['model']} (its optimizer and "
+                            f"learning rate were tuned for it); drop --recipe to train {explicit['model']} with its "
+                            f"own defaults")
     model = explicit.get("model", recipe.get("model", TrainConfig.model))
-    if recipe.get("model", model) != model:
-        recipe.pop("model_kwargs", None)  # a recipe's model options do not fit another model
     merged: dict[str, Any] = {}
     merged.update(MODEL_DEFAULTS.get(model, {}))
     merged.update(DATASET_DEFAULTS.get(explicit.get("dataset", recipe.get("dataset", TrainConfig.dataset)), {}))

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from mnistlab.files import append_line, atomic_write_text, to_json
 
 GRAD_FLOW_FILE = "grad_flow.jsonl"
 
@@ -50,8 +53,25 @@ def record(run_dir: Path, step: int, model: torch.nn.Module, x: torch.Tensor, y:
     """Append one grad-flow record for `step` (the model's .grad must hold this step's gradients)."""
     entry: dict[str, Any] = dict(step=step, layer_grad_norm=layer_grad_norms(model),
                                  time_grad_norm=time_step_grad_norms(model, x, y))
-    with open(run_dir / GRAD_FLOW_FILE, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_line(Path(run_dir) / GRAD_FLOW_FILE, to_json(_finite_or_none(entry), indent=None))
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """An exploding gradient's inf or nan is recorded as null: strict JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def keep_before(run_dir: Path, step: int) -> None:
+    """Start grad_flow.jsonl afresh, keeping only the records before `step` (those a resume won't redo)."""
+    path = Path(run_dir) / GRAD_FLOW_FILE
+    kept = [r for r in read(run_dir) if r["step"] < step] if step and path.exists() else []
+    atomic_write_text(path, "".join(to_json(r, indent=None) + "\n" for r in kept))
 
 
 def read(run_dir: Path) -> list[dict[str, Any]]:

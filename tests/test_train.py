@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ from mnistlab.checkpoint import NonFiniteCheckpoint, save_checkpoint
 from mnistlab.cli import main
 from mnistlab.config import RECIPES, TrainConfig, resolve_config
 from mnistlab.data.batches import augment_batch
-from mnistlab.train import get_lr
+from mnistlab.errors import UserError
+from mnistlab.loop import get_lr
 
 # A small, quick configuration on the bundled digits (1,294 train images, 41 steps of 32).
 QUICK_DATA = ["--dataset", "digits", "--batch-size", "32", "--threads", "1"]
@@ -80,14 +80,6 @@ def test_eval_rebuilds_the_model_from_the_run_folder(tmp_path, capsys):
     assert "confusion matrix" in out and "per" not in out.split("\n")[0]
 
 
-def _wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("straight") / "run"
@@ -96,56 +88,111 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
+def all_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoint.safetensors")
+
+
+def metrics_without_timings(run_dir: Path) -> list[dict]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Weights, optimizer state and the metrics history are those of the uninterrupted run."""
+    ta, tb = all_tensors(run), all_tensors(reference)
+    assert ta.keys() == tb.keys() and any(k.startswith("optim/") for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs"
+    assert metrics_without_timings(run) == metrics_without_timings(reference)
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (run, reference))
+    assert (ra["test_accuracy"], ra["test_loss"]) == (rb["test_accuracy"], rb["test_loss"])
+
+
+# QUICK makes 41 steps an epoch: step 50 is inside epoch 2; "metrics:2" is between epoch 2's metrics
+# record and its checkpoint, so the resumed run must drop that record and redo the epoch.
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, uninterrupted):
+@pytest.mark.parametrize("point", ["step:50", "metrics:2"])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, uninterrupted, point):
     run = tmp_path / "run"
-    proc = subprocess.Popen(mnistlab_cmd("train", *QUICK, "--epochs", "3", "--augment", "shift",
-                                         "--run-dir", str(run)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = run / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1)
-    time.sleep(0.3)  # now somewhere inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run(mnistlab_cmd("train", *QUICK, "--epochs", "3", "--augment", "shift",
+                                         "--run-dir", str(run)), capture_output=True, text=True,
+                            env=dict(os.environ, MNISTLAB_TEST_KILL=point))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (run / "results.json").exists()
+    epochs_logged = len((run / "metrics.jsonl").read_text().splitlines())
+    assert epochs_logged == (1 if point == "step:50" else 2)
     resumed = subprocess.run(mnistlab_cmd("train", "--resume", str(run)), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    assert_bit_identical(run, uninterrupted)
-    lines = metrics.read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert_same_run(run, uninterrupted)
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, uninterrupted):
     run = tmp_path / "run"
-    proc = subprocess.Popen(mnistlab_cmd("train", *QUICK, "--epochs", "3", "--augment", "shift",
-                                         "--run-dir", str(run)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    metrics = run / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    stopped = subprocess.run(mnistlab_cmd("train", *QUICK, "--epochs", "3", "--augment", "shift",
+                                          "--run-dir", str(run)), capture_output=True, text=True,
+                             env=dict(os.environ, MNISTLAB_TEST_INTERRUPT="step:50"))
+    assert stopped.returncode == 130, stopped.stderr
+    err = stopped.stderr
+    assert "interrupted at step 50/" in err and "--resume" in err and "Traceback" not in err
     resumed = subprocess.run(mnistlab_cmd("train", "--resume", str(run)), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert_bit_identical(run, uninterrupted)
+    assert_same_run(run, uninterrupted)
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, capsys):
+def _poison_weights_at(monkeypatch, target_step: int, after: bool) -> None:
+    """Make the weights NaN before (the loss of that step is NaN) or after (only the update is) a step."""
+    from mnistlab.train import TorchEngine
+
+    original = TorchEngine.train_step
+
+    def poisoned(self, idx, step, lr):
+        def poison():
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+
+        if step == target_step and not after:
+            poison()
+        out = original(self, idx, step, lr)
+        if step == target_step and after:
+            poison()
+        return out
+
+    monkeypatch.setattr(TorchEngine, "train_step", poisoned)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0
-    before = (run / "checkpoint.safetensors").read_bytes()
-    # continue the same run for another epoch at an absurd learning rate
-    cfg = json.loads((run / "config.json").read_text())
-    cfg.update(epochs=2, lr=1e38, schedule="constant")
-    (run / "config.json").write_text(json.dumps(cfg))
-    capsys.readouterr()
-    assert main(["train", "--resume", str(run)]) == 1
+    _poison_weights_at(monkeypatch, 50, after=False)  # inside epoch 2
+    assert main(["train", *QUICK_LINEAR, "--epochs", "2", "--run-dir", str(run)]) == 1
     err = capsys.readouterr().err
-    assert "the loss became" in err and "at step" in err and "Traceback" not in err
-    assert (run / "checkpoint.safetensors").read_bytes() == before
+    assert "the loss became nan at step 50" in err and "Traceback" not in err
+    meta = json.loads(load_file_meta(run / "checkpoint.safetensors"))
+    assert meta["step"] == 41  # the end of epoch 1, intact
+    assert not (run / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_divergence_at_the_last_step_is_exit_1_not_a_nan_in_results(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _poison_weights_at(monkeypatch, 81, after=True)  # the update of the last step (41 + 41 steps)
+    assert main(["train", *QUICK_LINEAR, "--epochs", "2", "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "Traceback" not in err
+    assert not (run / "results.json").exists()
+    assert json.loads(load_file_meta(run / "checkpoint.safetensors"))["step"] == 41
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
+def load_file_meta(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["mnistlab"]
 
 
 def test_checkpoint_with_nan_is_never_written(tmp_path):
@@ -199,14 +246,73 @@ def test_recipe_precedence():
     assert cfg.lr == 0.01  # explicit beats recipe
     assert cfg.epochs == RECIPES["fast"]["epochs"]  # recipe beats model defaults
     assert cfg.model_kwargs == RECIPES["fast"]["model_kwargs"]
-    other = resolve_config({"recipe": "fast", "model": "lenet5"})
-    assert other.model_kwargs == {}  # the recipe's CNN options do not leak onto another model
+    assert resolve_config({"recipe": "fast", "model": "cnn"}).lr == RECIPES["fast"]["lr"]
     assert resolve_config({}).model == "cnn"
     digits = resolve_config({"dataset": "digits"})
     assert (digits.batch_size, digits.epochs) == (64, 15)  # a small set gets more, smaller steps
     assert resolve_config({"dataset": "digits", "batch_size": 16}).batch_size == 16
     with pytest.raises(Exception, match="unknown recipe"):
         resolve_config({"recipe": "slow"})
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("model", ["vit", "lstm", "lenet5"])
+def test_a_recipe_with_another_model_is_refused(recipe, model, capsys):
+    with pytest.raises(UserError, match=f"--recipe {recipe} is a recipe for --model cnn"):
+        resolve_config({"recipe": recipe, "model": model})
+    assert main(["train", "--recipe", recipe, "--model", model, "--dataset", "digits"]) == 2
+    assert "drop --recipe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_builds_a_valid_config_for_an_existing_model(name):
+    from mnistlab.models import create_model
+
+    cfg = resolve_config({"recipe": name})
+    assert cfg.recipe == name and cfg.model == RECIPES[name]["model"]
+    create_model(cfg.model, **cfg.model_kwargs)
+
+
+def test_every_model_default_names_a_model_and_builds_a_valid_config():
+    from mnistlab.config import MODEL_DEFAULTS
+    from mnistlab.models import create_model, list_models
+
+    assert set(MODEL_DEFAULTS) <= set(list_models())
+    for model in list_models():
+        cfg = resolve_config({"model": model})
+        for key, value in MODEL_DEFAULTS.get(model, {}).items():
+            assert getattr(cfg, key) == value
+        create_model(model, **cfg.model_kwargs)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("schedule", "cosin"), ("optimizer", "adam"), ("augment", "rotate"), ("hflip", "yes"), ("tta", "maybe"),
+    ("tta_shifts", "auto-ish"), ("device", "tpu"), ("engine", "jax"), ("epochs", 0), ("epochs", "5"),
+    ("lr", -1.0), ("lr", float("nan")), ("label_smoothing", 1.0), ("seed", -1), ("seed", 2**64),
+    ("deterministic", "yes"), ("grad_flow_steps", []), ("recipe", "slow"), ("warmup", 1.5),
+])
+def test_every_field_is_validated_from_config_json(tmp_path, field, value):
+    d = TrainConfig().to_dict()
+    d[field] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(UserError, match=f"{field} = "):
+        TrainConfig.load(path)
+    with pytest.raises(UserError, match=f"{field} = "):
+        TrainConfig(**{field: value})
+
+
+def test_train_flags_are_generated_from_the_config_fields(capsys):
+    from dataclasses import fields
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        if f.metadata["flag"]:
+            assert "--" + f.name.replace("_", "-") in out, f.name
+    # eval and train take the same values for the flags they share
+    assert main(["train", "--tta-shifts", "auto", "--model", "nope"]) == 2
 
 
 def test_config_round_trips_through_json(tmp_path):

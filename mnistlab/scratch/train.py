@@ -2,7 +2,8 @@
 
 Same config, same data split, same per-epoch order, same learning-rate schedule, and the same run
 folder (config.json, env.json, metrics.jsonl, checkpoint.safetensors, results.json), so runs of the
-two engines compare line by line. The data layer hands over tensors; from there on it is numpy.
+two engines compare line by line: both run loop.fit, this module supplies the numpy step. The data
+layer hands over tensors; from there on it is numpy.
 Supported: models mlp and cnn (nn.MLP, nn.CNN), optimizers sgd and adamw, label smoothing,
 gradient clipping; no augmentation and no resume (the torch engine has both).
 
@@ -12,11 +13,8 @@ checkpoint writer): it is the glue between the engine and the product.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +94,57 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
     return total
 
 
-def save(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    import torch
+class ScratchEngine:
+    """The numpy engine's step, validation and checkpoint, driven by the same loop as torch's (loop.fit)."""
 
-    from mnistlab.checkpoint import write_tensors
+    device = "cpu"  # the epoch permutation is made on the CPU and handed over as numpy indices
 
-    tensors = {f"model/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.state_dict().items()}
-    write_tensors(path, tensors, dict(meta, engine="scratch"))
+    def __init__(self, cfg, ds, run) -> None:
+        self.cfg, self.ds, self.run = cfg, ds, run
+        self.train_x, self.train_y = ds.train_images.numpy(), ds.train_labels.numpy()
+        self.val_x, self.val_y = ds.val_images.numpy(), ds.val_labels.numpy()
+        h, w = self.train_x.shape[1:]
+        nn.manual_seed(cfg.seed)
+        self.model = nn.create_model(cfg.model, in_chans=1, num_classes=ds.num_classes, img_size=h,
+                                     **cfg.model_kwargs)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.params = self.model.parameters()
+        self.meta = dict(model=cfg.model, model_kwargs=dict(cfg.model_kwargs, img_size=h), in_chans=1,
+                         num_classes=ds.num_classes, classes=list(ds.classes), mean=ds.mean, std=ds.std,
+                         config=cfg.to_dict(), engine="scratch")
+
+    def train_step(self, idx, step: int, lr: float) -> tuple[float, int]:
+        from mnistlab.loop import TrainingDiverged, step_seed
+
+        idx = idx.numpy()
+        x, y = to_input(self.train_x[idx], self.ds.mean, self.ds.std), self.train_y[idx]
+        nn.manual_seed(step_seed(self.cfg.seed, step))  # dropout masks: a function of (seed, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        logits = self.model(tensor(x))  # (B, K)
+        loss = F.cross_entropy(logits, y, self.cfg.label_smoothing)
+        if not np.isfinite(loss.data):
+            raise TrainingDiverged(f"the loss became {loss.item()} at step {step} (lr {lr:.3g}). "
+                                   "Try a lower --lr or --grad-clip.")
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.cfg.grad_clip:
+            clip_grad_norm(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        return loss.item(), int((logits.data.argmax(1) == y).sum())
+
+    def validate(self) -> tuple[float, float]:
+        loss, accuracy, _ = evaluate(self.model, self.val_x, self.val_y, self.ds.mean, self.ds.std,
+                                     self.cfg.eval_batch_size)
+        return loss, accuracy
+
+    def save(self, state) -> None:
+        import torch
+
+        from mnistlab.checkpoint import CHECKPOINT, write_tensors
+
+        tensors = {f"model/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.model.state_dict().items()}
+        write_tensors(self.run.file(CHECKPOINT), tensors, dict(self.meta, **state.to_meta()))
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -118,127 +160,39 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def train(cfg, progress: bool | None = None) -> dict[str, Any]:
     """Train cfg.model with the numpy engine; write the run folder; return results.json's contents."""
-    import torch
-
-    from mnistlab.checkpoint import CHECKPOINT, atomic_write_text
-    from mnistlab.data.batches import epoch_permutation
     from mnistlab.data.dataset import load_dataset
     from mnistlab.errors import UserError
-    from mnistlab.train import (
-        StopFlag,
-        TrainingDiverged,
-        default_run_dir,
-        environment,
-        epoch_summary,
-        get_lr,
-        log,
-        step_seed,
-        write_results,
-    )
+    from mnistlab.loop import TrainState, fit
+    from mnistlab.run import ENV, RunFolder, environment, note
 
     check_supported(cfg)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    cfg.run_dir = str(run_dir)
-    ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists():
-        raise UserError(f"{run_dir} already holds a run; choose another --run-dir")
-    if progress is None:
-        progress = sys.stderr.isatty()
-
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
-    train_x, train_y = ds.train_images.numpy(), ds.train_labels.numpy()
-    val_x, val_y = ds.val_images.numpy(), ds.val_labels.numpy()
-    h, w = train_x.shape[1:]
+    cfg.dataset = ds.name
+    h, w = ds.image_size
     if h != w:
         raise UserError(f"the scratch models take square images, {ds.name} has {h}x{w}")
-
-    nn.manual_seed(cfg.seed)
-    model = nn.create_model(cfg.model, in_chans=1, num_classes=ds.num_classes, img_size=h, **cfg.model_kwargs)
-    optimizer = make_optimizer(model, cfg)
-    n_params = sum(p.data.size for p in model.parameters())
-    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
-    env = dict(environment(torch.device("cpu"), ds), engine="scratch", numpy_blas=_blas_name())
-    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
-    log(f"run folder {run_dir}\nconfig {json.dumps(asdict(cfg))}\n{ds.summary()}\n"
-        f"model {cfg.model} (scratch engine, numpy): {n_params:,} parameters; "
-        f"{cfg.epochs} epochs of {steps_per_epoch} steps")
-    meta_base = dict(model=cfg.model, model_kwargs=dict(cfg.model_kwargs, img_size=h), in_chans=1,
-                     num_classes=ds.num_classes, classes=list(ds.classes), mean=ds.mean, std=ds.std,
-                     config=asdict(cfg))
-    metrics_file = run_dir / "metrics.jsonl"
-    metrics_file.write_text("")
-    step, best_val, train_seconds = 0, 0.0, 0.0
-    params = model.parameters()
-    with StopFlag() as stop:
-        for epoch in range(cfg.epochs):
-            perm = epoch_permutation(len(train_y), cfg.seed, epoch).numpy()
-            loss_sum, correct, seen = 0.0, 0, 0
-            t0 = time.perf_counter()
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps_per_epoch, leave=False, unit="step", desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           file=sys.stderr)
-            for i in range(steps_per_epoch):
-                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                x, y = to_input(train_x[idx], ds.mean, ds.std), train_y[idx]
-                nn.manual_seed(step_seed(cfg.seed, step))  # dropout masks: a function of (seed, step)
-                lr = get_lr(step, total_steps, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                logits = model(tensor(x))  # (B, K)
-                loss = F.cross_entropy(logits, y, cfg.label_smoothing)
-                if not np.isfinite(loss.data):
-                    raise TrainingDiverged(f"the loss became {loss.item()} at step {step} (epoch {epoch + 1}, "
-                                           f"batch {i + 1}, lr {lr:.3g}). Try a lower --lr or --grad-clip.")
-                optimizer.zero_grad()
-                loss.backward()
-                if cfg.grad_clip:
-                    clip_grad_norm(params, cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.data.argmax(1) == y).sum())
-                seen += len(y)
-                if bar is not None:
-                    bar.update(1)
-                    if i % 10 == 0:
-                        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
-                                        img_s=f"{seen / (time.perf_counter() - t0):,.0f}")
-                if stop.requested:
-                    break
-            if bar is not None:
-                bar.close()
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            val_loss, val_acc, _ = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size)
-            best_val = max(best_val, val_acc)
-            record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(seen, 1),
-                          train_accuracy=correct / max(seen, 1), val_loss=val_loss, val_accuracy=val_acc, lr=lr,
-                          seconds=seconds, images_per_second=seen / seconds)
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save(ckpt_path, model, dict(meta_base, step=step, epoch=epoch + 1, best_val_accuracy=best_val,
-                                        train_seconds=train_seconds))
-            log(epoch_summary(record, cfg.epochs))
-            if stop.requested:
-                log(f"interrupted in epoch {epoch + 1}; weights saved in {ckpt_path} "
-                    "(the scratch engine does not resume)")
-                raise KeyboardInterrupt
-
-    val_loss, val_acc, _ = evaluate(model, val_x, val_y, ds.mean, ds.std, cfg.eval_batch_size)
-    test_loss, test_acc, _ = evaluate(model, ds.test_images.numpy(), ds.test_labels.numpy(), ds.mean, ds.std,
-                                      cfg.eval_batch_size)
-    results = dict(dataset=ds.name, model=cfg.model, engine="scratch", test_accuracy=test_acc, test_loss=test_loss,
-                   val_accuracy=val_acc, best_val_accuracy=best_val, epochs=cfg.epochs, steps=step,
-                   train_seconds=train_seconds, params=n_params, device="cpu (numpy)")
-    write_results(run_dir, results)
-    return results
+    with RunFolder.create(cfg.run_dir, ds.name, cfg.model) as run:
+        cfg.run_dir = str(run.path)
+        engine = ScratchEngine(cfg, ds, run)
+        run.write_config(cfg.to_json())
+        run.write_json(ENV, environment("cpu (numpy)", ds, engine="scratch", numpy_blas=_blas_name()))
+        run.file("metrics.jsonl").write_text("")
+        n_params = sum(p.data.size for p in engine.params)
+        steps = math.ceil(len(engine.train_y) / cfg.batch_size)
+        note(f"run folder {run.path}\n{cfg.describe()}\n{ds.summary()}\nmodel {cfg.model} (scratch engine, "
+             f"numpy): {n_params:,} parameters; {cfg.epochs} epochs of {steps} steps")
+        state = TrainState()
+        fit(cfg, engine, state, run, len(engine.train_y), sys.stderr.isatty() if progress is None else progress)
+        val_loss, val_acc, _ = evaluate(engine.model, engine.val_x, engine.val_y, ds.mean, ds.std,
+                                        cfg.eval_batch_size)
+        test_loss, test_acc, _ = evaluate(engine.model, ds.test_images.numpy(), ds.test_labels.numpy(), ds.mean,
+                                          ds.std, cfg.eval_batch_size)
+        results = dict(dataset=ds.name, model=cfg.model, engine="scratch", test_accuracy=test_acc,
+                       test_loss=test_loss, val_accuracy=val_acc, best_val_accuracy=state.best_val_accuracy,
+                       epochs=cfg.epochs, steps=state.step, train_seconds=state.train_seconds, params=n_params,
+                       device="cpu (numpy)")
+        run.write_results(results)
+        return results
 
 
 def _blas_name() -> str | None:

@@ -1,0 +1,171 @@
+"""The epoch loop both engines run: batches in a seeded order, the learning-rate schedule, running
+sums, progress, per-epoch validation, metrics and checkpoints. An engine supplies only its step.
+
+Exact resume: every source of randomness is a pure function of (seed, epoch) or (seed, step): the
+epoch's permutation (data.batches.epoch_permutation) and the engine's RNG, reseeded from
+step_seed(seed, step) before each step (dropout, augmentation). So a checkpoint needs only weights,
+optimizer state, the step and this epoch's running sums: a run killed at any moment and resumed from
+its last checkpoint ends bit-identical to an uninterrupted one (CPU, same thread count).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from mnistlab.config import TrainConfig
+from mnistlab.data.batches import epoch_permutation
+from mnistlab.errors import UserError
+from mnistlab.run import RunFolder, StopFlag, epoch_summary, kill_point_for_tests, note, say
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite."""
+
+    exit_code = 1
+
+
+def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step`: linear warm-up, then the schedule's decay. A pure function."""
+    warmup = max(1, round(cfg.warmup * total_steps))
+    if step < warmup:
+        start = cfg.lr / 25 if cfg.schedule == "onecycle" else 0.0
+        return start + (cfg.lr - start) * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress) + (cfg.lr / 1e4) * progress  # onecycle: linear anneal to ~0
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of one step: dropout masks and augmentation are a function of (seed, step)."""
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: all a checkpoint must carry besides weights and optimizer state."""
+
+    step: int = 0
+    best_val_accuracy: float = 0.0
+    train_seconds: float = 0.0
+    # running sums of the current epoch, so that a mid-epoch resume reports the epoch whole
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+
+    def to_meta(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> TrainState:
+        return cls(**{k: meta[k] for k in cls.__dataclass_fields__})
+
+
+class Engine(Protocol):
+    """What an engine gives the loop: its step, its validation, its checkpoint."""
+
+    device: Any  # where the epoch permutation lives
+
+    def train_step(self, idx: Any, step: int, lr: float) -> tuple[Any, Any]:
+        """Apply one step on the training images `idx`; return (mean loss, number correct), unsynchronised."""
+
+    def validate(self) -> tuple[float, float]:
+        """(loss, accuracy) on the validation split."""
+
+    def save(self, state: TrainState) -> None:
+        """Write the checkpoint for `state` (atomically)."""
+
+
+def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train: int, total_steps: int,
+                    stop: StopFlag, progress: bool) -> None:
+    """Run the steps left in the current epoch (all of them, or from a mid-epoch checkpoint)."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    epoch = state.step // steps_per_epoch
+    perm = epoch_permutation(n_train, cfg.seed, epoch, engine.device)
+    pending: list[tuple[Any, Any, int]] = []  # (loss, correct, n) per step, read back in bulk: no sync per step
+
+    def flush() -> None:
+        for loss, correct, n in pending:  # one addition at a time: the same sums whenever we flush (resume)
+            state.epoch_loss_sum += float(loss) * n
+            state.epoch_correct += int(correct)
+            state.epoch_seen += n
+        pending.clear()
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps_per_epoch, initial=state.step % steps_per_epoch, leave=False, unit="step",
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr)
+    t0, seconds_before = time.perf_counter(), state.epoch_seconds
+    for i in range(state.step % steps_per_epoch, steps_per_epoch):
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        loss, correct = engine.train_step(idx, state.step, get_lr(state.step, total_steps, cfg))
+        state.step += 1
+        pending.append((loss, correct, len(idx)))
+        kill_point_for_tests("step", state.step)
+        if bar is not None:
+            bar.update(1)
+            if i % 10 == 0:
+                flush()
+                rate = state.epoch_seen / max(seconds_before + time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{state.epoch_loss_sum / state.epoch_seen:.4f}",
+                                acc=f"{state.epoch_correct / state.epoch_seen:.2%}", img_s=f"{rate:,.0f}")
+        if stop.requested:
+            break
+    if bar is not None:
+        bar.close()
+    flush()
+    elapsed = time.perf_counter() - t0
+    state.epoch_seconds += elapsed
+    state.train_seconds += elapsed
+
+
+def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, epoch: int, lr: float) -> None:
+    """Validate, append the epoch's metrics record, checkpoint, report; start the next epoch's sums."""
+    val_loss, val_accuracy = engine.validate()
+    if not math.isfinite(val_loss):
+        raise TrainingDiverged(f"the weights became non-finite in epoch {epoch} (validation loss {val_loss}); "
+                               "nothing was saved from this epoch. Try a lower --lr or --grad-clip. "
+                               f"The last checkpoint (if any) is intact in {run.path}")
+    state.best_val_accuracy = max(state.best_val_accuracy, val_accuracy)
+    seen = max(state.epoch_seen, 1)
+    record = dict(epoch=epoch, step=state.step, train_loss=state.epoch_loss_sum / seen,
+                  train_accuracy=state.epoch_correct / seen, val_loss=val_loss, val_accuracy=val_accuracy, lr=lr,
+                  seconds=state.epoch_seconds, images_per_second=state.epoch_seen / max(state.epoch_seconds, 1e-9))
+    run.append_metrics(record)
+    kill_point_for_tests("metrics", epoch)
+    state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0, 0, 0.0
+    engine.save(state)
+    say(epoch_summary(record, cfg.epochs))
+
+
+def fit(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, n_train: int,
+        progress: bool) -> None:
+    """Train from `state` to the last step: epochs of steps, each ended by validation and a checkpoint.
+
+    Ctrl-C finishes the current step, checkpoints (mid-epoch too) and raises KeyboardInterrupt.
+    """
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    with StopFlag() as stop:
+        while state.step < total_steps:
+            train_one_epoch(cfg, engine, state, n_train, total_steps, stop, progress)
+            if stop.requested and state.step % steps_per_epoch:
+                engine.save(state)
+                note(f"interrupted at step {state.step}/{total_steps}; checkpoint saved. "
+                     f"Continue with: mnistlab train --resume {run.path}")
+                raise KeyboardInterrupt
+            epoch = state.step // steps_per_epoch
+            end_of_epoch(cfg, engine, state, run, epoch, get_lr(state.step - 1, total_steps, cfg))
+            if stop.requested:
+                note(f"interrupted at the end of epoch {epoch}; checkpoint saved. "
+                     f"Continue with: mnistlab train --resume {run.path}")
+                raise KeyboardInterrupt

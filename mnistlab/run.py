@@ -1,0 +1,275 @@
+"""A run folder and everything around a run that is not the training step, shared by both engines.
+
+    runs/<time>-<dataset>-<model>/
+        .lock                    held (an OS file lock) by the one process writing this run
+        config.json              the TrainConfig (the checkpoint carries the same, and wins on resume)
+        env.json                 provenance: versions, device, threads, git commit, data hashes
+        metrics.jsonl            one record per finished epoch
+        checkpoint.safetensors   weights, optimizer state, step (checkpoint.py)
+        results.json             at the end: test/val accuracy, seconds, parameters
+
+One writer: `RunFolder.open` takes an exclusive `flock` on `.lock` for the life of the process. The
+kernel drops it when the process dies, SIGKILL included, so a killed run never leaves a stale lock;
+a second training into a live run's folder is refused before it reads or writes anything. Output:
+the per-epoch lines and the final result go to stdout (so `mnistlab train > log` keeps them),
+progress bars, notes and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mnistlab.errors import UserError
+from mnistlab.files import append_line, atomic_write_text, remove_orphan_temps, to_json, write_json
+
+CONFIG, ENV, METRICS, RESULTS, LOCK = "config.json", "env.json", "metrics.jsonl", "results.json", ".lock"
+
+
+def note(msg: str) -> None:
+    """Progress and warnings: stderr."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def say(msg: str) -> None:
+    """What a run reports (epoch lines, the result): stdout, so it can be piped and kept."""
+    print(msg, flush=True)
+
+
+class RunFolder:
+    """A run folder held by this process (see the module docstring)."""
+
+    def __init__(self, path: Path, lock_fd: int | None) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def create(cls, run_dir: str | None, dataset: str, model: str) -> RunFolder:
+        """A new run: the given folder (which must not hold a run), or a fresh default one."""
+        if run_dir is None:
+            return cls._create_default(dataset, model)
+        path = Path(run_dir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--run-dir {path}: cannot create it ({e.strerror})") from None
+        run = cls(path, _lock(path))
+        if (path / CONFIG).exists() or any(path.glob("checkpoint*.safetensors")):
+            run.close()
+            raise UserError(f"{path} already holds a run; continue it with `mnistlab train --resume {path}` "
+                            "or choose another --run-dir")
+        run.clean()
+        return run
+
+    @classmethod
+    def _create_default(cls, dataset: str, model: str) -> RunFolder:
+        # mkdir without exist_ok claims a name atomically: two runs started in the same second get -2, -3, ...
+        stem = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{dataset}-{model}"
+        Path("runs").mkdir(exist_ok=True)
+        for i in range(1, 1000):
+            path = Path("runs") / (stem if i == 1 else f"{stem}-{i}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UserError(f"cannot create {path} ({e.strerror})") from None
+            return cls(path, _lock(path))
+        raise UserError(f"runs/{stem}: too many runs started in the same second")
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RunFolder:
+        """An existing run folder, to resume: locked, and cleared of temp files a killed write left."""
+        path = Path(run_dir)
+        if not path.is_dir():
+            raise UserError(f"--resume {path}: no such folder")
+        run = cls(path, _lock(path))
+        run.clean()
+        return run
+
+    def clean(self) -> None:
+        for p in remove_orphan_temps(self.path):
+            note(f"removed {p.name}, left by an interrupted write")
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json(self.path / name, obj)
+
+    def write_config(self, config_json: str) -> None:
+        atomic_write_text(self.path / CONFIG, config_json + "\n")
+
+    # metrics.jsonl: one JSON record per finished epoch
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_line(self.path / METRICS, to_json(record, indent=None))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.path / METRICS
+        if not path.exists():
+            return []
+        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+    def keep_metrics(self, epochs_done: int) -> None:
+        """Drop records of epochs after the checkpoint (a kill between the metrics and checkpoint writes)."""
+        keep = [r for r in self.read_metrics() if r["epoch"] <= epochs_done]
+        atomic_write_text(self.path / METRICS, "".join(to_json(r, indent=None) + "\n" for r in keep))
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """Write results.json and report the outcome on stdout."""
+        self.write_json(RESULTS, results)
+        say(f"test accuracy {results['test_accuracy']:.2%} (loss {results['test_loss']:.4f}), "
+            f"val {results['val_accuracy']:.2%}, {results['train_seconds']:.1f}s of training; "
+            f"results in {self.path / RESULTS}")
+
+
+def _lock(path: Path) -> int | None:
+    """Take the run folder's exclusive lock, or refuse: another process is writing this run."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (documented in the README)
+        return None
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write there ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{path} is being written by another running `mnistlab train`; wait for it to end "
+                        "(or stop it) before resuming, or choose another --run-dir") from None
+    return fd
+
+
+def epoch_summary(record: dict[str, Any], epochs: int) -> str:
+    """The one line of a finished epoch, from its metrics.jsonl record (both engines)."""
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.2%}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}  "
+            f"{record['seconds']:.1f}s  {record['images_per_second']:,.0f} img/s")
+
+
+def tune_allocator() -> None:
+    """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
+
+    By default glibc serves blocks above 128 KiB with mmap and gives them back on free, so every
+    step pays page faults to re-zero the same activation memory; raising the mmap and trim
+    thresholds makes CNN training markedly faster on CPU (bench/speed.py measures both).
+    mallopt is glibc's runtime equivalent of MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_;
+    elsewhere this does nothing. An explicitly set MALLOC_ variable wins, and
+    MNISTLAB_ALLOCATOR=default turns this off.
+    """
+    if (sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ
+            or os.environ.get("MNISTLAB_ALLOCATOR") == "default"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def cap_threads(threads: int | None) -> int | None:
+    """More threads than cores only adds contention (999 made an epoch 280x slower): cap with a warning."""
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        note(f"warning: --threads {threads} is more than the {cores} cores; using {cores}")
+        return cores
+    return threads
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str, dataset: Any, **extra: Any) -> dict[str, Any]:
+    """Provenance for env.json: versions, machine, device, code and data."""
+    import numpy
+    import torch
+
+    from mnistlab import __version__
+
+    return {
+        "mnistlab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "git_commit": git_commit(),
+        "dataset": dataset.name,
+        "data_source": f"{dataset.source}: {dataset.location}",
+        "data_sha256": dataset.file_sha256,
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+class StopFlag:
+    """Ctrl-C sets a flag the loop checks between steps (so a step is never half-applied);
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopFlag:
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            note("\nstopping after this step (Ctrl-C again to abort without saving)")
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def kill_point_for_tests(where: str, n: int) -> None:
+    """Signal this process at a named point when a test asks (deterministic where a timer is not).
+
+    MNISTLAB_TEST_KILL=<where>:<n> sends SIGKILL, MNISTLAB_TEST_INTERRUPT=<where>:<n> SIGINT (Ctrl-C).
+    Points: 'step:N' right after step N is applied (mid-epoch), 'metrics:E' after epoch E's metrics
+    record is written and before its checkpoint.
+    """
+    point = f"{where}:{n}"
+    if os.environ.get("MNISTLAB_TEST_KILL") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("MNISTLAB_TEST_INTERRUPT") == point:
+        os.kill(os.getpid(), signal.SIGINT)
