@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from mnistlab.errors import UserError
 
-def _pyplot():
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use (importing mnistlab stays cheap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,13 +22,26 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: str | Path, dpi: int = 100) -> Path:
-    """Lay out, write the PNG (making its folder), and free the figure."""
-    fig.tight_layout()
+def save_figure(fig, out: str | Path, dpi: int = 100) -> Path:
+    """Lay out `fig`, write it to `out` (PNG unless the suffix names another format) and free it.
+
+    The image is rendered in memory and written atomically, so a full disk or a kill leaves either
+    the previous file or none, never a 0-byte or truncated picture. An OSError is a UserError.
+    """
+    from mnistlab.checkpoint import atomic_write_bytes  # imports torch: only when a figure is written
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    _pyplot().close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, format=out.suffix[1:].lower() or "png", dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    try:
+        atomic_write_bytes(out, buf.getvalue())
+    except OSError as e:
+        reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+        raise UserError(f"cannot write {out}: {reason}") from e
     return out
 
 
@@ -38,7 +56,7 @@ def sample_grid(
     seed: int = 0,
 ) -> Path:
     """Save a grid with one row per class and `per_class` random samples of it, labelled."""
-    plt = _pyplot()
+    plt = pyplot()
     rng = np.random.default_rng(seed)
     n_classes = len(classes)
     fig, axes = plt.subplots(
@@ -58,12 +76,12 @@ def sample_grid(
         axes[c, 0].set_ylabel(f"{c}: {classes[c]}", rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def grad_flow(records: list[dict], out: str | Path, *, title: str = "") -> Path:
     """Per-time-step ||dL/dh_t|| (recurrent models) and per-layer gradient norms, log scale."""
-    plt = _pyplot()
+    plt = pyplot()
     has_time = any(r.get("time_grad_norm") for r in records)
     fig, axes = plt.subplots(1, 2 if has_time else 1, figsize=(13 if has_time else 7, 4.6), squeeze=False)
     cmap = plt.get_cmap("viridis")
@@ -100,4 +118,4 @@ def grad_flow(records: list[dict], out: str | Path, *, title: str = "") -> Path:
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, out, dpi=110)
+    return save_figure(fig, out, dpi=110)

@@ -307,6 +307,7 @@ def test_model_loss_and_gradients_match_torch_on_a_batch(kind):
         np.testing.assert_allclose(p.grad, tparams[name].grad.numpy(), atol=1e-12, rtol=1e-9, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,opt", [("mlp", "sgd"), ("cnn", "sgd"), ("mlp", "adamw"), ("mlp", "adam")])
 def test_100_training_steps_follow_torchs_loss_curve(kind, opt):
     """float64 on both sides, so that rounding (which chaotic training amplifies) does not hide a wrong update."""
@@ -342,6 +343,7 @@ def test_100_training_steps_follow_torchs_loss_curve(kind, opt):
 
 # ---- mnistlab train --engine scratch --------------------------------------------------------
 
+@pytest.mark.slow
 def test_scratch_engine_trains_mlp_on_digits_and_writes_the_same_run_folder(tmp_path, capsys):
     from mnistlab.cli import main
 
@@ -361,6 +363,7 @@ def test_scratch_engine_trains_mlp_on_digits_and_writes_the_same_run_folder(tmp_
     assert report["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_scratch_engine_trains_a_small_cnn_on_digits(tmp_path):
     from mnistlab.cli import main
 

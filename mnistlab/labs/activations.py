@@ -115,13 +115,14 @@ def run(out: Path | None = None) -> list[Check]:
 
 
 def draw(out: Path, x: np.ndarray, curves, results) -> None:
-    from mnistlab.plots import _pyplot, _save
+    from mnistlab.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for n, (f, d) in curves.items():
-        axes[0].plot(x, f, label=n)
-        axes[1].plot(x, d, label=n)
+        style = dict(ls="--") if n == "leaky_relu" else {}  # dashed: relu shows through where they coincide
+        axes[0].plot(x, f, label=n, **style)
+        axes[1].plot(x, d, label=n, **style)
     axes[0].set_title("f(x)")
     axes[0].set_ylim(-1.5, 5)
     axes[1].set_title("f'(x), by the engine's backward pass")
@@ -136,10 +137,10 @@ def draw(out: Path, x: np.ndarray, curves, results) -> None:
     bars = axes[2].bar(names, accs, color="tab:blue")
     for bar, n in zip(bars, names, strict=True):
         axes[2].text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.2,
-                     f"{results[n][0]:.1%}\ndead {results[n][1]:.0%} -> {results[n][2]:.0%}", ha="center",
+                     f"{results[n][0]:.1%}\n{results[n][1]:.0%} -> {results[n][2]:.0%}", ha="center",
                      fontsize=8)
     axes[2].set_ylim(min(accs) - 5, 101)
     axes[2].set_title("MLP 784-128-64-10 on digits (scratch, Adam, 12 epochs):\n"
                       "test accuracy; dead hidden units at init -> after")
     axes[2].tick_params(axis="x", labelrotation=30)
-    _save(fig, out)
+    save_figure(fig, out)

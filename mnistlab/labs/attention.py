@@ -101,7 +101,7 @@ def run(out: Path | None = None) -> list[Check]:
 
 def draw(out: Path) -> None:
     from mnistlab.labs.fft import sample_image
-    from mnistlab.plots import _pyplot, _save
+    from mnistlab.plots import pyplot, save_figure
 
     img, name = sample_image()
     tokens = patches(img)  # (16, 49)
@@ -109,7 +109,7 @@ def draw(out: Path) -> None:
     # identity projections: q = k = v = the patch itself, so a patch attends to patches that look like it
     _, w = scaled_dot_product_attention(tokens[None], tokens[None], tokens[None])
     w = w[0]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     axes[0].imshow(img, cmap="gray")
     for c in range(1, 4):
@@ -125,13 +125,13 @@ def draw(out: Path) -> None:
     axes[1].set_yticks(range(16))
     axes[1].set_title("softmax(q_i . k_j / sqrt(49)), q = k = v = patch")
     fig.colorbar(im, ax=axes[1], fraction=0.046)
-    query = 13  # a patch of the sole
+    query = 13  # the bottom edge of the sole (its top row) over background
     axes[2].imshow(img, cmap="gray")
     overlay = np.kron(w[query].reshape(4, 4), np.ones((7, 7)))
     axes[2].imshow(overlay, cmap="magma", alpha=0.6)
-    axes[2].add_patch(_pyplot().Rectangle(((query % 4) * 7 - 0.5, (query // 4) * 7 - 0.5), 7, 7, fill=False,
-                                          ec="cyan", lw=2))
+    axes[2].add_patch(plt.Rectangle(((query % 4) * 7 - 0.5, (query // 4) * 7 - 0.5), 7, 7, fill=False,
+                                    ec="cyan", lw=2))
     axes[2].set_title(f"where token {query} (cyan) looks: its row of weights")
     for ax in (axes[0], axes[2]):
         ax.axis("off")
-    _save(fig, out)
+    save_figure(fig, out)

@@ -135,9 +135,9 @@ def run(out: Path | None = None) -> list[Check]:
 
 
 def draw(out, sizes, t_fft, t_dft, img, name, kernel, direct, via_fft, e_fft) -> None:
-    from mnistlab.plots import _pyplot, _save
+    from mnistlab.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig = plt.figure(figsize=(16, 7))
     ax = fig.add_subplot(1, 5, (1, 2))
     ax.loglog(sizes, np.array(t_dft) * 1e3, "o-", label="naive DFT (definition)")
@@ -146,7 +146,7 @@ def draw(out, sizes, t_fft, t_dft, img, name, kernel, direct, via_fft, e_fft) ->
     ax.loglog(n, t_dft[-1] * 1e3 * (n / n[-1]) ** 2, "--", color="0.6", label="~ N^2")
     ax.loglog(n, t_fft[-1] * 1e3 * (n * np.log2(n)) / (n[-1] * np.log2(n[-1])), ":", color="0.3", label="~ N log N")
     ax.set_xlabel("N")
-    ax.set_ylabel("milliseconds (best of 3)")
+    ax.set_ylabel("milliseconds (best of 3; DFT above N = 512: one run)")
     ax.set_title("divide and reuse: N log N against N^2")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
@@ -162,4 +162,4 @@ def draw(out, sizes, t_fft, t_dft, img, name, kernel, direct, via_fft, e_fft) ->
         if i == 4:
             fig.colorbar(im, ax=sub, fraction=0.046)
     fig.suptitle("The FFT from scratch and the convolution theorem")
-    _save(fig, out)
+    save_figure(fig, out)

@@ -59,9 +59,9 @@ def run(out: Path | None = None) -> list[Check]:
 
 
 def draw(out: Path) -> None:
-    from mnistlab.plots import _pyplot, _save
+    from mnistlab.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     panels = [(np.eye(2), "identity: the grid, e1 (red), e2 (blue)"), (A, "A (shear)"),
               (A @ B, "AB: rotate by B first, then shear"), (B @ A, "BA: shear first, then rotate")]
@@ -86,4 +86,4 @@ def draw(out: Path) -> None:
         ax.axhline(0, color="0.4", lw=0.6)
         ax.axvline(0, color="0.4", lw=0.6)
     fig.suptitle("A matrix is where the basis vectors land (arrows scaled x2); the order of maps matters")
-    _save(fig, out)
+    save_figure(fig, out)

@@ -110,9 +110,9 @@ def run(out: Path | None = None) -> list[Check]:
 
 
 def draw(out: Path, theta: np.ndarray, rng: np.random.Generator) -> None:
-    from mnistlab.plots import _pyplot, _save
+    from mnistlab.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw=dict(width_ratios=[1, 1.6, 1.6]))
     for aim, marker in ((0, "o"), (30, "s"), (60, "^")):
         axes[0].plot(np.arange(N), np.degrees(steering_phases(aim)), marker, ls="-", label=f"aim {aim} deg")
@@ -135,4 +135,4 @@ def draw(out: Path, theta: np.ndarray, rng: np.random.Generator) -> None:
         ax.set_ylabel("|AF| (dB)")
         ax.legend(fontsize=8, loc="lower left")
         ax.grid(alpha=0.3)
-    _save(fig, out)
+    save_figure(fig, out)
