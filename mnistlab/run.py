@@ -127,7 +127,15 @@ class RunFolder:
         path = self.path / METRICS
         if not path.exists():
             return []
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        records = []
+        for n, ln in enumerate(path.read_text().splitlines(), 1):
+            if ln.strip():
+                try:
+                    records.append(json.loads(ln))
+                except ValueError:
+                    raise UserError(f"{path}: line {n} is not a JSON record; restore the file or start a new "
+                                    "run") from None
+        return records
 
     def keep_metrics(self, epochs_done: int) -> None:
         """Drop records of epochs after the checkpoint (a kill between the metrics and checkpoint writes)."""

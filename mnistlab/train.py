@@ -248,6 +248,9 @@ def resume_config(run: RunFolder) -> tuple[TrainConfig, dict[str, Any]]:
     if meta.get("engine") == "scratch":
         raise UserError(f"--resume {run.path}: a scratch-engine run cannot be resumed (the torch engine's can)")
     saved = TrainConfig.from_dict(meta["config"], source=f"{ckpt} (its config)")
+    if (meta["model"], meta["model_kwargs"]) != (saved.model, saved.model_kwargs):
+        raise UserError(f"{ckpt}: the checkpoint names model {meta['model']} {meta['model_kwargs']} but its config "
+                        f"says {saved.model} {saved.model_kwargs}; it was not written by this run")
     if run.file(CONFIG).exists():
         on_disk = TrainConfig.load(run.file(CONFIG)).to_dict()
         ignore = {"run_dir", "device", "threads"}  # where it runs, not what it computes
@@ -266,7 +269,10 @@ def _resume(run: RunFolder, cfg: TrainConfig, meta: dict[str, Any], progress: bo
     total_steps = steps_per_epoch * cfg.epochs
     if meta["step"] >= total_steps and run.file(RESULTS).exists():
         say(f"{run.path} finished all {cfg.epochs} epochs; nothing to resume (results in {run.file(RESULTS)})")
-        return json.loads(run.file(RESULTS).read_text())
+        try:
+            return json.loads(run.file(RESULTS).read_text())
+        except ValueError:
+            raise UserError(f"{run.file(RESULTS)}: not valid JSON (the run had finished)") from None
     if not run.file(CONFIG).exists():
         run.write_config(cfg.to_json())
     engine = TorchEngine(cfg, ds, pick_device(cfg.device), run)
