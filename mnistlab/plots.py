@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mnistlab.errors import UserError
+from mnistlab.files import atomic_write_bytes
 
 
 def pyplot():
@@ -28,8 +29,6 @@ def save_figure(fig, out: str | Path, dpi: int = 100) -> Path:
     The image is rendered in memory and written atomically, so a full disk or a kill leaves either
     the previous file or none, never a 0-byte or truncated picture. An OSError is a UserError.
     """
-    from mnistlab.checkpoint import atomic_write_bytes  # imports torch: only when a figure is written
-
     out = Path(out)
     buf = io.BytesIO()
     try:

@@ -41,11 +41,12 @@ def test_a_failed_check_makes_exit_status_1(monkeypatch, tmp_path, capsys):
     assert "FAIL  a claim that is false: 1 != 2" in capsys.readouterr().out
 
 
-def test_backprop_torch_check_fails_as_not_run_when_torch_cannot_be_imported(monkeypatch):
+def test_backprop_torch_check_fails_as_not_run_when_torch_cannot_be_imported(monkeypatch, tmp_path):
     lab = load_lab("backprop")
     monkeypatch.setattr(lab, "backward_forward_ratio", lambda: (1e-3, 2e-3))  # the timing is not under test
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    checks = {c.claim: c for c in lab.run(None)}
+    checks = {c.claim: c for c in lab.run(tmp_path / "backprop.png")}
+    assert (tmp_path / "backprop.png").read_bytes()[:4] == b"\x89PNG"  # the figure needs no torch either
     torch_check = checks["gradients equal torch.autograd's"]
     assert not torch_check.passed and torch_check.detail.startswith("not run: torch cannot be imported")
     assert torch_check.line().startswith("FAIL")
