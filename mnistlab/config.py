@@ -137,6 +137,10 @@ class TrainConfig:
                 ok = check(value)
             if not ok:
                 problems.append(f"{f.name} = {value!r} (expected {accepts})")
+        reserved = sorted(set(self.model_kwargs) & {"in_chans", "num_classes", "img_size"}) \
+            if isinstance(self.model_kwargs, dict) else []
+        if reserved:
+            problems.append(f"model_kwargs sets {', '.join(reserved)} (the dataset decides these)")
         if self.recipe is not None and self.recipe not in RECIPES:
             problems.append(f"recipe = {self.recipe!r} (known recipes: {', '.join(RECIPES)})")
         if problems:

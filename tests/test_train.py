@@ -302,6 +302,12 @@ def test_every_field_is_validated_from_config_json(tmp_path, field, value):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize("key", ["in_chans", "num_classes", "img_size"])
+def test_model_args_the_dataset_decides_are_refused(key, capsys):
+    assert main(["train", "--model", "cnn", "--model-arg", f"{key}=3", "--dataset", "digits"]) == 2
+    assert "the dataset decides these" in capsys.readouterr().err
+
+
 def test_train_flags_are_generated_from_the_config_fields(capsys):
     from dataclasses import fields
 
@@ -488,3 +494,67 @@ def test_shift_tta_averages_nine_positions_and_eval_follows_training(tmp_path, c
         reports[mode] = json.loads(capsys.readouterr().out)
     assert reports["auto"]["loss"] == pytest.approx(results["test_loss"], abs=1e-12)
     assert reports["off"]["loss"] != reports["auto"]["loss"]
+
+
+def _models():
+    from mnistlab.models import list_models
+
+    return list_models()
+
+
+@pytest.mark.parametrize("model", _models())
+def test_every_registered_model_trains_one_epoch_and_evaluates_from_its_folder(tmp_path, idx_dir, model, capsys):
+    from mnistlab.train import train
+
+    cfg = resolve_config(dict(model=model, data_dir=str(idx_dir), dataset=None, epochs=1, batch_size=50,
+                              val_size=20, threads=1, run_dir=str(tmp_path / "run")))
+    cfg.dataset = None
+    results = train(cfg, progress=False)
+    assert results["dataset"] == "custom" and results["steps"] == 4  # 180 images in batches of 50
+    assert 0 <= results["test_accuracy"] <= 1 and results["test_loss"] == results["test_loss"]
+    records = metrics_without_timings(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [1]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == results["test_accuracy"]
+
+
+def test_the_loop_and_evaluate_make_no_float64_tensors(tmp_path, idx_dir):
+    """MPS has no float64: running sums and losses must use dtypes every backend has (or live on the CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from mnistlab.train import train
+
+    class Float64Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_flatten(out)[0]):
+                self.ops.add(str(func))
+            return out
+
+    cfg = resolve_config(dict(model="mlp", data_dir=str(idx_dir), epochs=1, batch_size=50, val_size=20,
+                              threads=1, run_dir=str(tmp_path / "run")))
+    cfg.dataset = None
+    from mnistlab.data.dataset import load_dataset
+
+    load_dataset(None, data_dir=str(idx_dir), val_size=20)  # the data layer's statistics may use float64
+    spy = Float64Spy()
+    import mnistlab.train as train_module
+
+    real_fit = train_module.fit
+
+    def spied_fit(*args, **kwargs):
+        with spy:
+            real_fit(*args, **kwargs)
+
+    train_module.fit = spied_fit
+    try:
+        train(cfg, progress=False)
+    finally:
+        train_module.fit = real_fit
+    assert not spy.ops
