@@ -25,7 +25,8 @@ def _umask() -> int:
 
 def disk_error(path: Path | str, err: OSError) -> UserError:
     """One line naming the file and the reason (ENOSPC, EACCES, EROFS, ...)."""
-    return UserError(f"cannot write {path}: {err.strerror or err}")
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    return UserError(f"cannot write {path}: {reason}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -226,15 +226,6 @@ def test_data_list_and_show(tmp_path, idx_dir, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv", [[], ["data"], ["data", "list"], ["data", "fetch"],
-                                  ["data", "verify"], ["data", "show"]])
-def test_every_command_has_help(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([*argv, "--help"])
-    assert e.value.code == 0
-    assert "usage: mnistlab" in capsys.readouterr().out
-
-
 def test_bundled_digits_array_is_deterministic():
     from mnistlab.data.digits import load_digits_28
 

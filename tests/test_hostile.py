@@ -130,6 +130,7 @@ def test_resume_of_a_finished_run_changes_nothing(run_copy, capsys):
     assert folder_hash(run_copy) == before
 
 
+@pytest.mark.slow
 def test_orphan_temp_files_of_a_killed_write_are_removed_on_resume(tmp_path):
     run = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-m", "mnistlab", "train", *QUICK, "--epochs", "2",
@@ -300,6 +301,7 @@ def test_a_batch_that_does_not_fit_in_memory_is_one_line(tmp_path, capsys, monke
 
 # ---- output a user can keep -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_epoch_lines_and_result_go_to_stdout_and_files_get_normal_permissions(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(["sh", "-c", f"umask 022 && exec {sys.executable} -m mnistlab train "
