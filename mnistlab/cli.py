@@ -100,6 +100,8 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     from mnistlab.data.dataset import load_dataset
     from mnistlab.plots import sample_grid
 
+    if args.name is None and args.data_dir is None:
+        raise UserError("data show: name a dataset (see `mnistlab data list`) or give --data-dir")
     ds = load_dataset(args.name, data_dir=args.data_dir, offline=args.offline)
     images, labels = ds.split(args.split)
     out = sample_grid(images.numpy(), labels.numpy(), ds.classes, args.output,
@@ -414,7 +416,8 @@ def _add_data_parser(sub) -> None:
 
     p = dsub.add_parser("show", help="save a labelled grid of samples as a PNG",
                         description="Save a grid of samples as a PNG, one row per class.")
-    p.add_argument("name", help="dataset name (see `mnistlab data list`)")
+    p.add_argument("name", nargs="?", help="dataset name (see `mnistlab data list`); optional with --data-dir, "
+                   "whose files say what it holds")
     p.add_argument("-o", "--output", default="grid.png", help="PNG file to write (default: grid.png)")
     p.add_argument("--split", choices=("train", "val", "test"), default="train",
                    help="which split to sample from (default: train)")
