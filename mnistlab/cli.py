@@ -310,7 +310,11 @@ def cmd_plot_grad_flow(args: argparse.Namespace) -> int:
     records = gradflow.read(run_dir)
     if not records:
         raise UserError(f"{run_dir}: grad_flow.jsonl is empty (did the run reach a recorded step?)")
-    cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}  # the title only: a missing or damaged config.json does not stop the plot
+    cfg = cfg if isinstance(cfg, dict) else {}
     seq = cfg.get("model_kwargs", {}).get("seq", "rows" if cfg.get("model") in ("rnn", "gru", "lstm") else "")
     title = f"{cfg.get('model', '?')} {('--seq ' + seq) if seq else ''} on {cfg.get('dataset', '?')}"
     out = plots.grad_flow(records, args.output, title=title)

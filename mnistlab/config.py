@@ -33,7 +33,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    if _is_int(v):
+        return abs(v) < 2**63  # a JSON integer can be any size; float(10**400) would overflow
+    return isinstance(v, float) and math.isfinite(v)
 
 
 KINDS: dict[str, tuple[Any, str]] = {
@@ -143,6 +145,8 @@ class TrainConfig:
             problems.append(f"model_kwargs sets {', '.join(reserved)} (the dataset decides these)")
         if self.recipe is not None and self.recipe not in RECIPES:
             problems.append(f"recipe = {self.recipe!r} (known recipes: {', '.join(RECIPES)})")
+        elif self.recipe is not None and RECIPES[self.recipe]["model"] != self.model:
+            problems.append(f"recipe = {self.recipe!r} is for model {RECIPES[self.recipe]['model']}, not {self.model}")
         if problems:
             raise UserError("invalid config: " + "; ".join(problems))
 

@@ -81,13 +81,15 @@ def append_line(path: Path, line: str) -> None:
         raise disk_error(path, e) from None
 
 
-def remove_orphan_temps(folder: Path) -> list[Path]:
-    """Delete the temporary files of atomic writes that a killed process left behind in `folder`.
+def remove_orphan_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files that a killed atomic write of one of `names` left behind in `folder`.
 
+    Only files of that exact shape (.<name>.<random>.tmp): a folder may hold other programs' files.
     Only safe while no other process writes there: call it with the run folder's lock held.
     """
     removed = []
-    for p in folder.glob(".*.tmp"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
+    for name in names:
+        for p in folder.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed

@@ -36,9 +36,9 @@ def time_step_grad_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     """
     if not hasattr(model, "unrolled") or getattr(getattr(model, "rnn", None), "bidirectional", True):
         return None
-    model64 = copy.deepcopy(model).double()
-    logits, hs = model64.unrolled(x.double())
-    grads = torch.autograd.grad(F.cross_entropy(logits, y), hs)
+    model64 = copy.deepcopy(model).cpu().double()  # on the CPU: MPS has no float64
+    logits, hs = model64.unrolled(x.cpu().double())
+    grads = torch.autograd.grad(F.cross_entropy(logits, y.cpu()), hs)
     return [scaled_norm(g) for g in grads]
 
 

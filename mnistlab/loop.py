@@ -65,6 +65,10 @@ class TrainState:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> TrainState:
+        missing = [k for k in cls.__dataclass_fields__ if k not in meta]
+        if missing:
+            raise UserError(f"the checkpoint lacks {', '.join(missing)} (written by an older mnistlab, format "
+                            f"{meta.get('format_version', 1)}); resume it with that version, or start a new run")
         return cls(**{k: meta[k] for k in cls.__dataclass_fields__})
 
 
@@ -84,15 +88,20 @@ class Engine(Protocol):
 
 
 def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train: int, total_steps: int,
-                    stop: StopFlag, progress: bool) -> None:
+                    stop: StopFlag, progress: bool, run_path: Any = "the run folder") -> None:
     """Run the steps left in the current epoch (all of them, or from a mid-epoch checkpoint)."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epoch = state.step // steps_per_epoch
     perm = epoch_permutation(n_train, cfg.seed, epoch, engine.device)
-    pending: list[tuple[Any, Any, int]] = []  # (loss, correct, n) per step, read back in bulk: no sync per step
+    # (step, lr, loss, correct, n) per step, read back in bulk: no device sync per step
+    pending: list[tuple[int, float, Any, Any, int]] = []
 
     def flush() -> None:
-        for loss, correct, n in pending:  # one addition at a time: the same sums whenever we flush (resume)
+        for step, lr, loss, correct, n in pending:  # one addition at a time: the same sums whenever we flush
+            if not math.isfinite(float(loss)):
+                raise TrainingDiverged(
+                    f"the loss became {float(loss)} at step {step} (lr {lr:.3g}); nothing was saved from this "
+                    f"epoch. Try a lower --lr or --grad-clip. The last checkpoint (if any) is intact in {run_path}")
             state.epoch_loss_sum += float(loss) * n
             state.epoch_correct += int(correct)
             state.epoch_seen += n
@@ -107,9 +116,10 @@ def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train
     t0, seconds_before = time.perf_counter(), state.epoch_seconds
     for i in range(state.step % steps_per_epoch, steps_per_epoch):
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        loss, correct = engine.train_step(idx, state.step, get_lr(state.step, total_steps, cfg))
+        lr = get_lr(state.step, total_steps, cfg)
+        loss, correct = engine.train_step(idx, state.step, lr)
+        pending.append((state.step, lr, loss, correct, len(idx)))
         state.step += 1
-        pending.append((loss, correct, len(idx)))
         kill_point_for_tests("step", state.step)
         if bar is not None:
             bar.update(1)
@@ -157,15 +167,20 @@ def fit(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, n_t
     total_steps = steps_per_epoch * cfg.epochs
     with StopFlag() as stop:
         while state.step < total_steps:
-            train_one_epoch(cfg, engine, state, n_train, total_steps, stop, progress)
+            train_one_epoch(cfg, engine, state, n_train, total_steps, stop, progress, run.path)
             if stop.requested and state.step % steps_per_epoch:
                 engine.save(state)
                 note(f"interrupted at step {state.step}/{total_steps}; checkpoint saved. "
-                     f"Continue with: mnistlab train --resume {run.path}")
+                     f"{_how_to_continue(engine, run)}")
                 raise KeyboardInterrupt
             epoch = state.step // steps_per_epoch
             end_of_epoch(cfg, engine, state, run, epoch, get_lr(state.step - 1, total_steps, cfg))
             if stop.requested:
-                note(f"interrupted at the end of epoch {epoch}; checkpoint saved. "
-                     f"Continue with: mnistlab train --resume {run.path}")
+                note(f"interrupted at the end of epoch {epoch}; checkpoint saved. {_how_to_continue(engine, run)}")
                 raise KeyboardInterrupt
+
+
+def _how_to_continue(engine: Engine, run: RunFolder) -> str:
+    if getattr(engine, "resumable", True):
+        return f"Continue with: mnistlab train --resume {run.path}"
+    return f"This engine does not resume; `mnistlab eval {run.path}` evaluates the saved weights."

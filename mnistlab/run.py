@@ -32,6 +32,8 @@ from mnistlab.errors import UserError
 from mnistlab.files import append_line, atomic_write_text, remove_orphan_temps, to_json, write_json
 
 CONFIG, ENV, METRICS, RESULTS, LOCK = "config.json", "env.json", "metrics.jsonl", "results.json", ".lock"
+CHECKPOINT, GRAD_FLOW = "checkpoint.safetensors", "grad_flow.jsonl"  # written by checkpoint.py and gradflow.py
+RUN_FILES = (CONFIG, ENV, METRICS, RESULTS, CHECKPOINT, GRAD_FLOW)
 
 
 def note(msg: str) -> None:
@@ -73,7 +75,10 @@ class RunFolder:
     def _create_default(cls, dataset: str, model: str) -> RunFolder:
         # mkdir without exist_ok claims a name atomically: two runs started in the same second get -2, -3, ...
         stem = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{dataset}-{model}"
-        Path("runs").mkdir(exist_ok=True)
+        try:
+            Path("runs").mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create runs/ here ({e.strerror}); give --run-dir") from None
         for i in range(1, 1000):
             path = Path("runs") / (stem if i == 1 else f"{stem}-{i}")
             try:
@@ -96,7 +101,7 @@ class RunFolder:
         return run
 
     def clean(self) -> None:
-        for p in remove_orphan_temps(self.path):
+        for p in remove_orphan_temps(self.path, RUN_FILES):
             note(f"removed {p.name}, left by an interrupted write")
 
     def close(self) -> None:
@@ -120,6 +125,9 @@ class RunFolder:
         atomic_write_text(self.path / CONFIG, config_json + "\n")
 
     # metrics.jsonl: one JSON record per finished epoch
+    def start_metrics(self) -> None:
+        atomic_write_text(self.path / METRICS, "")
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_line(self.path / METRICS, to_json(record, indent=None))
 
@@ -127,12 +135,16 @@ class RunFolder:
         path = self.path / METRICS
         if not path.exists():
             return []
+        text = path.read_text()
+        lines = text.splitlines()
         records = []
-        for n, ln in enumerate(path.read_text().splitlines(), 1):
+        for n, ln in enumerate(lines, 1):
             if ln.strip():
                 try:
                     records.append(json.loads(ln))
                 except ValueError:
+                    if n == len(lines) and not text.endswith("\n"):
+                        break  # a record torn by a kill mid-append: its epoch has no checkpoint, and is redone
                     raise UserError(f"{path}: line {n} is not a JSON record; restore the file or start a new "
                                     "run") from None
         return records
@@ -165,7 +177,7 @@ def _lock(path: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         raise UserError(f"{path} is being written by another running `mnistlab train`; wait for it to end "
-                        "(or stop it) before resuming, or choose another --run-dir") from None
+                        "(or stop it), or choose another --run-dir") from None
     return fd
 
 
@@ -200,7 +212,7 @@ def tune_allocator() -> None:
 
 def cap_threads(threads: int | None) -> int | None:
     """More threads than cores only adds contention (999 made an epoch 280x slower): cap with a warning."""
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads is not None and threads > cores:
         note(f"warning: --threads {threads} is more than the {cores} cores; using {cores}")
         return cores

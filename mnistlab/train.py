@@ -107,9 +107,10 @@ class TorchEngine:
     def meta(self) -> dict[str, Any]:
         """What the checkpoint's header carries besides the training state: enough to rebuild the model alone."""
         cfg, ds = self.cfg, self.ds
+        total_steps = math.ceil(len(ds.train_labels) / cfg.batch_size) * cfg.epochs
         return dict(model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, num_classes=ds.num_classes,
                     classes=list(ds.classes), mean=ds.mean, std=ds.std, config=cfg.to_dict(),
-                    hflip_tta=self.tta, shift_tta=self.shift_tta)
+                    hflip_tta=self.tta, shift_tta=self.shift_tta, total_steps=total_steps)
 
     def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised, augmented images (B, 1, H, W) and labels (B,) of training indices `idx`."""
@@ -121,6 +122,8 @@ class TorchEngine:
         return random_erase(x, self.cfg.erase, self.background), self.train_y[idx]
 
     def train_step(self, idx: torch.Tensor, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss, number correct) as device tensors (the loop checks the loss is
+        finite when it reads them back, so there is no device sync per step)."""
         torch.manual_seed(step_seed(self.cfg.seed, step))  # dropout and augmentation of this step
         try:
             x, y = self.get_batch(idx)
@@ -128,25 +131,18 @@ class TorchEngine:
                 group["lr"] = lr
             logits = self.model(x)  # (B, K)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at step {step} (lr {lr:.3g}); nothing was saved from this "
-                    f"epoch. Try a lower --lr or --grad-clip. The last checkpoint (if any) is intact in "
-                    f"{self.run.path}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        except torch.OutOfMemoryError as e:
-            raise out_of_memory(len(idx), "--batch-size", self.device, e) from None
-        except RuntimeError as e:
-            if "memory" not in str(e).lower():
+            if step in self.flow_steps:  # raw gradients, before clipping: clipping would hide an explosion
+                gradflow.record(self.run.path, step, self.model, x, y)
+            if self.cfg.grad_clip:
+                # foreach: all norms in one pass (CPU defaults to one op per tensor plus a cat)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
+            self.optimizer.step()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
                 raise
             raise out_of_memory(len(idx), "--batch-size", self.device, e) from None
-        if step in self.flow_steps:  # raw gradients, before clipping: clipping would hide an explosion
-            gradflow.record(self.run.path, step, self.model, x, y)
-        if self.cfg.grad_clip:
-            # foreach: all norms in one pass (CPU defaults to one op per tensor plus a cat)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
-        self.optimizer.step()
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
     def validate(self) -> tuple[float, float]:
@@ -158,7 +154,9 @@ class TorchEngine:
         try:
             return evaluate(self.model, x, y, self.ds.mean, self.ds.std, self.cfg.eval_batch_size, self.tta,
                             shift_tta)
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             raise out_of_memory(self.cfg.eval_batch_size, "--eval-batch-size", self.device, e) from None
 
     def save(self, state: TrainState) -> None:
@@ -174,6 +172,13 @@ class TorchEngine:
         """Weights, optimizer state and training state from this run's checkpoint."""
         meta, _ = load_into(self.run.file(CHECKPOINT), self.model, self.optimizer)
         return TrainState.from_meta(meta)
+
+
+def is_out_of_memory(err: Exception) -> bool:
+    """torch's OOM on CUDA, or the CPU allocator's message (a plain RuntimeError)."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
 def out_of_memory(batch: int, flag: str, device: torch.device, err: Exception) -> UserError:
@@ -220,7 +225,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             engine = TorchEngine(cfg, ds, device, run)
             run.write_config(cfg.to_json())
             run.write_json(ENV, environment(str(device), ds))
-            run.file("metrics.jsonl").write_text("")
+            run.start_metrics()
             note(f"run folder {run.path}\n{cfg.describe()}")
             return _fit_and_finish(engine, TrainState(), progress)
     finally:
@@ -237,12 +242,17 @@ def _apply_process_settings(cfg: TrainConfig) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def resume_config(run: RunFolder) -> tuple[TrainConfig, dict[str, Any]]:
-    """The run's config as its checkpoint records it; a config.json that disagrees is refused."""
+def resume_config(run: RunFolder) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run's config as its checkpoint records it (a config.json that disagrees is refused), and the
+    checkpoint's metadata; (config.json's config, None) for a run stopped before its first checkpoint."""
     ckpt = run.file(CHECKPOINT)
     if not ckpt.is_file():
-        raise UserError(f"--resume {run.path}: no checkpoint yet (it stopped before its first epoch ended); "
-                        "start it again without --resume")
+        if not run.file(CONFIG).is_file():
+            raise UserError(f"--resume {run.path}: no checkpoint and no config.json there (not a run folder?)")
+        cfg = TrainConfig.load(run.file(CONFIG))
+        if cfg.engine == "scratch":
+            raise UserError(f"--resume {run.path}: a scratch-engine run cannot be resumed (the torch engine's can)")
+        return cfg, None
     _, meta = read_checkpoint(ckpt)
     require_meta(meta, RUN_META, ckpt)
     if meta.get("engine") == "scratch":
@@ -263,22 +273,34 @@ def resume_config(run: RunFolder) -> tuple[TrainConfig, dict[str, Any]]:
     return saved, meta
 
 
-def _resume(run: RunFolder, cfg: TrainConfig, meta: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+def _finished(run: RunFolder, cfg: TrainConfig) -> dict[str, Any]:
+    say(f"{run.path} finished all {cfg.epochs} epochs; nothing to resume (results in {run.file(RESULTS)})")
+    try:
+        return json.loads(run.file(RESULTS).read_text())
+    except ValueError:
+        raise UserError(f"{run.file(RESULTS)}: not valid JSON (the run had finished)") from None
+
+
+def _resume(run: RunFolder, cfg: TrainConfig, meta: dict[str, Any] | None, progress: bool | None) -> dict[str, Any]:
+    done = meta is not None and run.file(RESULTS).exists()
+    if done and "total_steps" in meta and meta["step"] >= meta["total_steps"]:
+        return _finished(run, cfg)  # before loading any data: a finished run needs nothing, not even the network
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
     steps_per_epoch = math.ceil(len(ds.train_labels) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    if meta["step"] >= total_steps and run.file(RESULTS).exists():
-        say(f"{run.path} finished all {cfg.epochs} epochs; nothing to resume (results in {run.file(RESULTS)})")
-        try:
-            return json.loads(run.file(RESULTS).read_text())
-        except ValueError:
-            raise UserError(f"{run.file(RESULTS)}: not valid JSON (the run had finished)") from None
+    if done and meta["step"] >= total_steps:
+        return _finished(run, cfg)
     if not run.file(CONFIG).exists():
         run.write_config(cfg.to_json())
     engine = TorchEngine(cfg, ds, pick_device(cfg.device), run)
-    state = engine.restore()
-    run.keep_metrics(state.step // steps_per_epoch)
-    note(f"resuming {run.path} at step {state.step}/{total_steps} (epoch {state.step // steps_per_epoch + 1})")
+    if meta is None:  # killed before its first checkpoint: step 0 is exact
+        state = TrainState()
+        run.start_metrics()
+        note(f"{run.path} stopped before its first checkpoint; starting it again from step 0")
+    else:
+        state = engine.restore()
+        run.keep_metrics(state.step // steps_per_epoch)
+        note(f"resuming {run.path} at step {state.step}/{total_steps} (epoch {state.step // steps_per_epoch + 1})")
     return _fit_and_finish(engine, state, progress)
 
 

@@ -256,12 +256,18 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_previous_file(tmp_p
     assert not (run / "results.json").exists()
 
 
-def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path, capsys):
+def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path, capsys, monkeypatch):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
+    real_start = RunFolder.start_metrics
+
+    def start_then_fill_the_disk(self):
+        real_start(self)
+        self.file("metrics.jsonl").unlink()
+        self.file("metrics.jsonl").symlink_to("/dev/full")  # a real device: every write fails with ENOSPC
+
+    monkeypatch.setattr(RunFolder, "start_metrics", start_then_fill_the_disk)
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").symlink_to("/dev/full")  # a real device that answers every write with ENOSPC
     assert main(["train", *QUICK, "--epochs", "1", "--run-dir", str(run)]) == 2
     one_line_error(capsys, f"cannot write {run / 'metrics.jsonl'}: No space left on device")
 
@@ -337,3 +343,104 @@ def test_checkpoint_payload_hash_covers_every_tensor(tmp_path):
     b = {"x": torch.zeros(3), "y": torch.tensor([1, 2])}
     c = {"x": torch.zeros(3).reshape(1, 3), "y": torch.ones(2, dtype=torch.int64)}
     assert len({payload_sha256(a), payload_sha256(b), payload_sha256(c)}) == 3
+
+
+# ---- found in review ----------------------------------------------------------------------------------
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mnistlab", "train", *QUICK, "--epochs", "1", "--run-dir", str(run)]
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MNISTLAB_TEST_KILL="step:5"))
+    assert killed.returncode == -9 and not (run / "checkpoint.safetensors").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True)  # a new run is refused: the folder holds one
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run([sys.executable, "-m", "mnistlab", "train", "--resume", str(run)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting it again from step 0" in resumed.stderr and (run / "results.json").exists()
+
+
+def test_the_largest_accepted_seed_trains(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--seed", str(2**63 - 1), "--run-dir", str(run)]) == 0
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)])
+def test_an_enormous_number_in_config_json_is_one_clear_line(tmp_path, value):
+    from mnistlab.config import TrainConfig
+    from mnistlab.errors import UserError
+
+    d = TrainConfig().to_dict()
+    d["lr"] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(UserError, match="lr = "):
+        TrainConfig.load(tmp_path / "config.json")
+
+
+def test_resuming_a_checkpoint_of_an_older_format_is_one_clear_line(run_copy, capsys):
+    rewrite_checkpoint(run_copy / "checkpoint.safetensors",
+                       edit_meta=lambda m: [m.pop(k) for k in ("epoch_loss_sum", "epoch_correct", "format_version")])
+    (run_copy / "results.json").unlink()
+    before = folder_hash(run_copy)
+    assert main(["train", "--resume", str(run_copy)]) == 2
+    one_line_error(capsys, "written by an older mnistlab, format 1")
+    assert folder_hash(run_copy) == before
+
+
+def test_resuming_a_finished_run_needs_no_data(tmp_path, idx_dir, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(idx_dir, data)
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(data), "--model", "linear", "--epochs", "1", "--val-size", "20",
+                 "--run-dir", str(run)]) == 0
+    shutil.rmtree(data)  # the data is gone (or the network is): a finished run still says so, exit 0
+    before = folder_hash(run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--threads", "1"]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+    assert folder_hash(run) == before
+
+
+def test_only_mnistlab_temp_files_are_removed_from_a_run_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    theirs = run / ".someone-elses.tmp"
+    ours = run / ".metrics.jsonl.abc123.tmp"
+    theirs.write_text("keep me")
+    ours.write_text("left by a kill")
+    assert main(["train", *QUICK, "--epochs", "1", "--run-dir", str(run)]) == 0
+    assert theirs.read_text() == "keep me" and not ours.exists()
+
+
+def test_out_of_memory_in_the_optimizer_step_is_one_line(tmp_path, capsys, monkeypatch):
+    def oom(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000 bytes.")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", oom)
+    assert main(["train", *QUICK, "--epochs", "1", "--run-dir", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "does not fit in memory")
+
+
+def test_a_runtime_error_that_is_not_about_memory_is_not_called_one(tmp_path, monkeypatch):
+    from mnistlab.models.linear import SoftmaxRegression
+
+    def bug(self, x):
+        raise RuntimeError("channels_last memory format is not supported here")
+
+    monkeypatch.setattr(SoftmaxRegression, "forward", bug)
+    with pytest.raises(RuntimeError, match="memory format"):
+        main(["train", *QUICK, "--epochs", "1", "--run-dir", str(tmp_path / "run")])
+
+
+def test_a_metrics_record_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    run = RunFolder.create(str(tmp_path / "run"), "digits", "linear")
+    try:
+        run.start_metrics()
+        run.append_metrics({"epoch": 1, "val_accuracy": 0.5})
+        with open(run.file("metrics.jsonl"), "a") as f:
+            f.write('{"epoch": 2, "val_acc')  # the kill came mid-append
+        assert run.read_metrics() == [{"epoch": 1, "val_accuracy": 0.5}]
+    finally:
+        run.close()

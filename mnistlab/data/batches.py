@@ -20,7 +20,7 @@ def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str 
     Being a pure function is what makes resuming exact: a resumed run recomputes the same order
     instead of needing the generator's state from the moment it stopped.
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # torch takes seeds below 2**64
     return torch.randperm(n, generator=g).to(device)
 
 

@@ -41,6 +41,8 @@ def check_supported(cfg) -> None:
         problems.append("--grad-flow")
     if cfg.recipe:
         problems.append(f"--recipe {cfg.recipe} (recipes are tuned for the torch engine)")
+    if cfg.threads is not None:
+        problems.append("--threads (numpy's BLAS sets its own; use OPENBLAS_NUM_THREADS)")
     if cfg.device not in ("auto", "cpu"):
         problems.append(f"--device {cfg.device} (numpy runs on the CPU)")
     if problems:
@@ -98,6 +100,7 @@ class ScratchEngine:
     """The numpy engine's step, validation and checkpoint, driven by the same loop as torch's (loop.fit)."""
 
     device = "cpu"  # the epoch permutation is made on the CPU and handed over as numpy indices
+    resumable = False  # its checkpoint holds weights only, no optimizer state
 
     def __init__(self, cfg, ds, run) -> None:
         self.cfg, self.ds, self.run = cfg, ds, run
@@ -114,7 +117,7 @@ class ScratchEngine:
                          config=cfg.to_dict(), engine="scratch")
 
     def train_step(self, idx, step: int, lr: float) -> tuple[float, int]:
-        from mnistlab.loop import TrainingDiverged, step_seed
+        from mnistlab.loop import step_seed
 
         idx = idx.numpy()
         x, y = to_input(self.train_x[idx], self.ds.mean, self.ds.std), self.train_y[idx]
@@ -122,10 +125,7 @@ class ScratchEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         logits = self.model(tensor(x))  # (B, K)
-        loss = F.cross_entropy(logits, y, self.cfg.label_smoothing)
-        if not np.isfinite(loss.data):
-            raise TrainingDiverged(f"the loss became {loss.item()} at step {step} (lr {lr:.3g}). "
-                                   "Try a lower --lr or --grad-clip.")
+        loss = F.cross_entropy(logits, y, self.cfg.label_smoothing)  # the loop stops on a non-finite loss
         self.optimizer.zero_grad()
         loss.backward()
         if self.cfg.grad_clip:
@@ -150,11 +150,15 @@ class ScratchEngine:
 def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a scratch model from its checkpoint file alone."""
     from mnistlab.checkpoint import prefixed, read_checkpoint
+    from mnistlab.errors import UserError
 
     tensors, meta = read_checkpoint(path)
-    model = nn.create_model(meta["model"], in_chans=meta["in_chans"], num_classes=meta["num_classes"],
-                            **meta["model_kwargs"])
-    model.load_state_dict({k: v.numpy() for k, v in prefixed(tensors, "model").items()})
+    try:
+        model = nn.create_model(meta["model"], in_chans=meta["in_chans"], num_classes=meta["num_classes"],
+                                **meta["model_kwargs"])
+        model.load_state_dict({k: v.numpy() for k, v in prefixed(tensors, "model").items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: the checkpoint does not fit the scratch model it names ({e})") from None
     return model.eval(), meta
 
 
@@ -176,7 +180,7 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
         engine = ScratchEngine(cfg, ds, run)
         run.write_config(cfg.to_json())
         run.write_json(ENV, environment("cpu (numpy)", ds, engine="scratch", numpy_blas=_blas_name()))
-        run.file("metrics.jsonl").write_text("")
+        run.start_metrics()
         n_params = sum(p.data.size for p in engine.params)
         steps = math.ceil(len(engine.train_y) / cfg.batch_size)
         note(f"run folder {run.path}\n{cfg.describe()}\n{ds.summary()}\nmodel {cfg.model} (scratch engine, "
@@ -187,6 +191,11 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
                                         cfg.eval_batch_size)
         test_loss, test_acc, _ = evaluate(engine.model, ds.test_images.numpy(), ds.test_labels.numpy(), ds.mean,
                                           ds.std, cfg.eval_batch_size)
+        if not (math.isfinite(val_loss) and math.isfinite(test_loss)):
+            from mnistlab.loop import TrainingDiverged
+
+            raise TrainingDiverged(f"the weights became non-finite in the last epoch (test loss {test_loss}); "
+                                   "results.json was not written")
         results = dict(dataset=ds.name, model=cfg.model, engine="scratch", test_accuracy=test_acc,
                        test_loss=test_loss, val_accuracy=val_acc, best_val_accuracy=state.best_val_accuracy,
                        epochs=cfg.epochs, steps=state.step, train_seconds=state.train_seconds, params=n_params,
