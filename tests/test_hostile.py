@@ -347,6 +347,7 @@ def test_checkpoint_payload_hash_covers_every_tensor(tmp_path):
 
 # ---- found in review ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "mnistlab", "train", *QUICK, "--epochs", "1", "--run-dir", str(run)]
