@@ -369,6 +369,43 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from mnistlab.deploy.predict import Predictor
+
+    predictor = Predictor(args.run_dir)
+    results, errors = predictor.predict_files(args.images, top_k=args.top)
+    for r in results:
+        if args.json:
+            print(json.dumps(r.to_dict(), allow_nan=False))
+        elif r.status == "blank":
+            print(f"{r.path}: blank (nothing drawn)")
+        else:
+            others = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r.top[1:])
+            verdict = "" if r.status == "ok" else f"  (unsure: below the {predictor.threshold:.1%} threshold)"
+            print(f"{r.path}: {r.label} {r.probability:.1%}{verdict}" + (f"; then {others}" if others else ""))
+    for line in errors:
+        print(f"mnistlab: error: {line}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def _add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict the class of your own pictures with a trained run",
+                       description="Predict PNG, JPEG or BMP pictures (any size; dark on light or light on dark; "
+                                   "ink in the alpha channel of a transparent canvas) with RUN_DIR's model. Each "
+                                   "picture is made into the 28x28 image the dataset's own recipe would give; "
+                                   "probabilities are temperature-calibrated on the validation split, and a "
+                                   "picture scoring below the threshold that accepts 95%% of correctly classified "
+                                   "validation images is answered 'unsure'. Exit 2 if a file could not be read "
+                                   "(the others are still answered).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
+    p.add_argument("--json", action="store_true", help="one JSON object per picture")
+    p.add_argument("--top", type=_arg_type("positive_int"), default=3, help="how many classes to list (default: 3)")
+    p.set_defaults(func=cmd_predict)
+
+
 def _add_models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description",
                        description="The model zoo: each model's parameters, forward MFLOPs and description.")
@@ -441,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_parser, _add_eval_parser, _add_models_parser, _add_plot_parser, _add_lab_parser,
-                _add_data_parser):
+    for add in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_models_parser, _add_plot_parser,
+                _add_lab_parser, _add_data_parser):
         add(sub)
     return parser
 

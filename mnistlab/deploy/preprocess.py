@@ -1,0 +1,143 @@
+"""A person's picture -> the 28x28 image a model of this dataset family expects.
+
+Each dataset was made by a documented recipe, and a model only knows images made that way:
+
+- MNIST (LeCun, Cortes, Burges): the digit's bounding box is scaled so its longer side is 20 px,
+  with an area-averaging resample (anti-aliasing: it is what gives MNIST its grey levels), then
+  placed in a 28x28 field so that the ink's centre of mass sits at the field's centre. Light ink
+  on black. KMNIST follows MNIST's format (Clanuwat et al. 2018) and uses this convention too.
+- digits (scikit-learn's 8x8, made MNIST-like by data/digits.py): the whole 8x8 image is upsampled
+  into a 20x20 box at the centre, so every digit's box is 20 px tall and centred by the box, not by
+  its mass (measured on the validation split: box height 20 +- 0, box centre 13.5).
+- Fashion-MNIST (Xiao, Rasul, Vollgraf 2017, section 2): the product is trimmed to its edges, its
+  longer side resized to 28 px, the shorter side extended to 28 and the item centred, intensities
+  negated (a dark item on white becomes light on black). No 20 px box and no centre of mass.
+
+Whichever way round the picture is (dark ink on paper, light ink on a dark screen, ink in the
+alpha channel of a transparent canvas), the ink is found first: polarity is read from the border,
+which is background in any sensible photo or drawing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("PNG", "JPEG", "BMP")
+MAX_PIXELS = 25_000_000  # a larger image is refused before decoding (a decompression bomb)
+BLANK_INK = 0.08  # a picture whose ink never rises this far (of full scale) above the background is blank
+MIN_INK_PIXELS = 4
+# The ink's box: pixels above this fraction of the way from background to the peak. Chosen on the digits
+# validation split by re-preparing its own 28x28 images: 0.1 keeps their accuracy (99.3%), 0.5 lost 5.6
+# points (the anti-aliased fringe belongs to the box the datasets were scaled by).
+BOX_LEVEL = 0.1
+
+
+class UnreadableImage(ValueError):
+    """The file is not an image we decode (PNG, JPEG, BMP), or is damaged."""
+
+
+@dataclass
+class Prepared:
+    """The model's view of one picture: (28, 28) uint8, light ink on black; blank if nothing was drawn."""
+
+    image: np.ndarray
+    blank: bool
+    inverted: bool  # the picture was dark ink on a light background
+
+
+def load_ink(path: str | Path) -> tuple[np.ndarray, bool]:
+    """(ink, inverted): ink as float32 (H, W) in [0, 1], 1 where ink is; inverted if it was dark on light."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path, formats=FORMATS) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise UnreadableImage(f"{path}: {im.width}x{im.height} is too large (at most {MAX_PIXELS:,} pixels)")
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0  # (H, W, 4)
+                alpha = rgba[..., 3]
+                if alpha.max() - alpha.min() > BLANK_INK:
+                    # a transparent canvas: the ink is where the alpha is, whatever its colour
+                    return alpha, False
+                grey = rgba[..., :3].mean(-1)
+            else:
+                grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0  # (H, W)
+    except Image.DecompressionBombError:
+        raise UnreadableImage(f"{path}: too large (at most {MAX_PIXELS:,} pixels; refused before decoding)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise UnreadableImage(f"{path}: not a readable PNG, JPEG or BMP image ({e})") from None
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    inverted = bool(np.median(border) > 0.5)
+    ink = 1.0 - grey if inverted else grey
+    return ink, inverted
+
+
+def _resize(ink: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Area-averaging resample (PIL's BOX filter when shrinking): each output pixel is the mean of the
+    input pixels it covers, which is how MNIST's anti-aliased grey levels arise."""
+    from PIL import Image
+
+    img = Image.fromarray(np.clip(ink * 255.0, 0, 255).astype(np.float32), mode="F")
+    return np.asarray(img.resize((width, height), resample=Image.Resampling.BOX), dtype=np.float32) / 255.0
+
+
+def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box (top, bottom, left, right) of pixels clearly above the background, or None if blank."""
+    background = float(np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])))
+    peak = float(ink.max())
+    if peak - background < BLANK_INK:
+        return None
+    if (ink > background + 0.5 * (peak - background)).sum() < MIN_INK_PIXELS:
+        return None  # a speck, not a drawing
+    mask = ink > background + BOX_LEVEL * (peak - background)
+    if mask.sum() < MIN_INK_PIXELS:
+        return None
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
+    """(28x28 uint8, blank) from an ink map, by a dataset's own recipe ("mnist", "digits" or "fashion")."""
+    box = _ink_box(ink)
+    if box is None:
+        return np.zeros((28, 28), dtype=np.uint8), True
+    top, bottom, left, right = box
+    background = float(np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])))
+    crop = np.clip(ink[top:bottom, left:right] - background, 0, None)
+    crop = crop / max(float(crop.max()), 1e-6)  # full-scale ink, as the datasets' strokes are
+    h, w = crop.shape
+    side = 28 if convention == "fashion" else 20
+    scale = side / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = _resize(crop, nh, nw)
+    field = np.zeros((28, 28), dtype=np.float32)
+    if convention == "mnist":
+        # paste so that the centre of mass lands at the field's centre (13.5, 13.5), by whole pixels
+        ys, xs = np.indices(small.shape)
+        mass = max(float(small.sum()), 1e-6)
+        cy, cx = float((ys * small).sum()) / mass, float((xs * small).sum()) / mass
+        y0, x0 = round(13.5 - cy), round(13.5 - cx)
+    else:  # digits and fashion: centred by the box
+        y0, x0 = round(13.5 - (nh - 1) / 2), round(13.5 - (nw - 1) / 2)
+    # clip the paste to the field (a lopsided centre of mass can push the box past an edge)
+    sy, sx = max(0, -y0), max(0, -x0)
+    ey, ex = min(nh, 28 - y0), min(nw, 28 - x0)
+    field[y0 + sy : y0 + ey, x0 + sx : x0 + ex] = small[sy:ey, sx:ex]
+    return np.clip(np.rint(field * 255.0), 0, 255).astype(np.uint8), False
+
+
+def convention_for(dataset: str) -> str:
+    """Which recipe made a dataset: fashion-mnist and digits have their own; mnist and kmnist MNIST's."""
+    return {"fashion-mnist": "fashion", "digits": "digits"}.get(dataset, "mnist")
+
+
+def prepare(path: str | Path, dataset: str) -> Prepared:
+    """Read a picture and make the model's 28x28 view of it, by the dataset's convention."""
+    ink, inverted = load_ink(path)
+    image, blank = to_model_input(ink, convention_for(dataset))
+    return Prepared(image=image, blank=blank, inverted=inverted)
