@@ -1,0 +1,1 @@
+"""Using trained models outside training: preprocessing, prediction, ONNX export, serving."""

@@ -1,0 +1,184 @@
+"""ONNX export: every registered model's onnxruntime logits match PyTorch's; the file describes itself;
+a failed export writes nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason='needs the export extra: pip install "mnistlab[export]"')
+pytest.importorskip("onnxscript", reason='needs the export extra: pip install "mnistlab[export]"')
+import onnx  # noqa: E402
+
+from mnistlab import __version__  # noqa: E402
+from mnistlab.config import resolve_config  # noqa: E402
+from mnistlab.data.batches import to_input  # noqa: E402
+from mnistlab.deploy.export import ATOL, RTOL, export_onnx, onnx_logits, onnx_session  # noqa: E402
+from mnistlab.errors import UserError  # noqa: E402
+from mnistlab.models import list_models  # noqa: E402
+from mnistlab.train import load_run_checkpoint  # noqa: E402
+
+N_IMAGES = 1000
+
+
+def train_run(folder: Path, data_dir: Path, model: str, **model_kwargs) -> Path:
+    """A real run folder: `model` (seed 0) trained for one epoch on the 180 images of the tiny IDX set."""
+    from mnistlab.train import train
+
+    cfg = resolve_config(dict(model=model, model_kwargs=model_kwargs, data_dir=str(data_dir), dataset=None,
+                              epochs=1, batch_size=50, val_size=20, threads=1, run_dir=str(folder / "run")))
+    cfg.dataset = None
+    train(cfg, progress=False)
+    return folder / "run"
+
+
+def parity_images(mean: float, std: float) -> torch.Tensor:
+    """1,000 real handwritten digits as the run's model sees them, (N, 1, 28, 28) float32.
+
+    scikit-learn's bundled digits upsampled to 28x28: its 360 test images and the first 640 of its train
+    split (the tiny training set is random noise, and real digits exercise the models more than noise).
+    """
+    from mnistlab.data.digits import load_digits_28
+
+    x_train, _, x_test, _ = load_digits_28()
+    images = np.concatenate([x_test, x_train])[:N_IMAGES]
+    return to_input(torch.from_numpy(images), mean, std)
+
+
+def assert_parity(run: Path, onnx_path: Path) -> dict[int, float]:
+    """ORT logits at batch sizes 1 and 7 against PyTorch's, on 1,000 images; the max |diff| per batch size."""
+    model, meta = load_run_checkpoint(run)  # as `mnistlab eval` runs it (channels-last)
+    x = parity_images(meta["mean"], meta["std"])
+    with torch.no_grad():
+        want = model(x).numpy()  # (N, K)
+    session = onnx_session(onnx_path)
+    diffs = {}
+    for batch in (1, 7):  # 1000 = 142 * 7 + 6: the last batch is another size again
+        got = np.concatenate([onnx_logits(session, x[i : i + batch].numpy()) for i in range(0, N_IMAGES, batch)])
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL, err_msg=f"batch size {batch}")
+        assert np.array_equal(got.argmax(1), want.argmax(1)), f"batch size {batch}: predictions differ"
+        diffs[batch] = float(np.abs(got - want).max())
+    print(f"{meta['model']} {meta['model_kwargs']}: max |onnx - torch| batch 1 {diffs[1]:.2e}, batch 7 {diffs[7]:.2e}")
+    return diffs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_exports_with_logits_matching_pytorch(tmp_path, idx_dir, name):
+    run = train_run(tmp_path, idx_dir, name)
+    path = export_onnx(run)
+    assert path == run / "model.onnx"
+    onnx.checker.check_model(str(path))
+    assert_parity(run, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, options", [
+    ("gru", {"seq": "permuted"}),  # 784 steps in the order of the run's permutation buffer
+    ("lstm", {"layers": 2, "bidirectional": True}),
+    pytest.param("vit", {"pool": "cls"}, marks=pytest.mark.xfail(
+        strict=True, raises=UserError, reason="ViT.tokens expands the class token to len(t), a Python int that "
+        "fixes the batch size under torch.export; t.shape[0] keeps it symbolic (mnistlab/models/vit.py)")),
+])
+def test_options_that_change_the_graph_export_with_matching_logits(tmp_path, idx_dir, name, options):
+    run = train_run(tmp_path, idx_dir, name, **options)
+    assert_parity(run, export_onnx(run, tmp_path / "out" / "m.onnx"))
+
+
+def test_the_file_carries_what_a_consumer_needs_in_its_metadata(tmp_path, idx_dir):
+    run = train_run(tmp_path, idx_dir, "mlp", hidden=[32])
+    _, meta = load_run_checkpoint(run)
+    path = export_onnx(run, tmp_path / "mlp.onnx")
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["classes"]) == meta["classes"] == [str(i) for i in range(10)]
+    assert float(props["mean"]) == meta["mean"] and float(props["std"]) == meta["std"]
+    assert props["input_layout"] == "N,1,28,28 float32, (pixel/255 - mean)/std"
+    assert props["preprocessing"] == props["dataset"] == "custom"  # a --data-dir run
+    assert props["test_time_augmentation"] == "none"
+    assert props["model"] == "mlp" and json.loads(props["model_kwargs"]) == {"hidden": [32]}
+    assert props["mnistlab_version"] == __version__
+    (image,), (logits,) = proto.graph.input, proto.graph.output
+    assert (image.name, logits.name) == ("image", "logits")
+    assert image.type.tensor_type.shape.dim[0].dim_param == "batch"  # any batch size
+    assert [d.dim_value for d in image.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
+
+
+def test_a_failing_export_is_a_user_error_and_leaves_no_file(tmp_path, idx_dir, monkeypatch):
+    run = train_run(tmp_path, idx_dir, "linear")
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("Unsupported: data-dependent control flow")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(UserError, match="cannot export model linear .* data-dependent control flow"):
+        export_onnx(run)
+    assert not (run / "model.onnx").exists()
+    out = tmp_path / "old.onnx"
+    out.write_bytes(b"the previous export")
+    with pytest.raises(UserError):
+        export_onnx(run, out)
+    assert out.read_bytes() == b"the previous export"  # untouched, and no temporary file left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx", "run", "tiny"]
+
+
+def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(tmp_path, idx_dir, monkeypatch):
+    import mnistlab.train
+
+    class FixedBatch(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x).reshape(len(x), -1)  # len(): a Python int, the batch size fixed under torch.export
+
+    run = train_run(tmp_path, idx_dir, "linear")
+    real = mnistlab.train.load_run_checkpoint
+    monkeypatch.setattr(mnistlab.train, "load_run_checkpoint", lambda d: (FixedBatch(real(d)[0]), real(d)[1]))
+    with pytest.raises(UserError, match="dynamic batch size: torch.export fixed the batch size"):
+        export_onnx(run)
+    assert not (run / "model.onnx").exists()
+
+
+def test_a_graph_that_computes_other_logits_is_refused_before_writing(tmp_path, idx_dir, monkeypatch):
+    import mnistlab.deploy.export as export_module
+
+    run = train_run(tmp_path, idx_dir, "linear")
+    real = export_module.onnx_logits
+    monkeypatch.setattr(export_module, "onnx_logits", lambda session, x: real(session, x) + 1e-2)
+    with pytest.raises(UserError, match="different logits from PyTorch"):
+        export_onnx(run)
+    assert not (run / "model.onnx").exists()
+
+
+def test_a_scratch_engine_run_is_refused(tmp_path, idx_dir, capsys):
+    from mnistlab.scratch import train as scratch_train
+
+    cfg = resolve_config(dict(engine="scratch", model="mlp", data_dir=str(idx_dir), dataset=None, epochs=1,
+                              batch_size=50, val_size=20, run_dir=str(tmp_path / "run")))
+    cfg.dataset = None
+    scratch_train.train(cfg)
+    with pytest.raises(UserError, match="scratch-engine"):
+        export_onnx(tmp_path / "run")
+    assert not (tmp_path / "run" / "model.onnx").exists()
+
+
+def test_a_folder_without_a_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint.safetensors"):
+        export_onnx(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime", "onnxscript"])
+def test_without_the_extra_the_error_says_what_to_install(tmp_path, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` raise ImportError
+    with pytest.raises(UserError, match=r'pip install "mnistlab\[export\]"'):
+        export_onnx(tmp_path)
+    with pytest.raises(UserError, match=missing):
+        onnx_logits(tmp_path / "model.onnx", np.zeros((1, 1, 28, 28), np.float32))
