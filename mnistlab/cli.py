@@ -406,6 +406,28 @@ def _add_predict_parser(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnistlab.deploy.export import export_onnx
+
+    out = export_onnx(Path(args.run_dir), Path(args.output) if args.output else None)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; metadata: classes, mean, std, input layout)")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a run's model to ONNX (with onnxruntime parity checked)",
+                       description="Export RUN_DIR's model as one ONNX file (torch.onnx dynamo export, a dynamic "
+                                   "batch dimension, metadata: classes, mean, std, input layout, preprocessing). "
+                                   "The file is written only after onnxruntime reproduces PyTorch's logits. "
+                                   'Needs the export extra: pip install "mnistlab[export]".')
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="the only format: onnx (default)")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write (default: RUN_DIR/model.onnx)")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description",
                        description="The model zoo: each model's parameters, forward MFLOPs and description.")
@@ -478,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_models_parser, _add_plot_parser,
-                _add_lab_parser, _add_data_parser):
+    for add in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_export_parser, _add_models_parser,
+                _add_plot_parser, _add_lab_parser, _add_data_parser):
         add(sub)
     return parser
 

@@ -81,9 +81,7 @@ def test_every_registered_model_exports_with_logits_matching_pytorch(tmp_path, i
 @pytest.mark.parametrize("name, options", [
     ("gru", {"seq": "permuted"}),  # 784 steps in the order of the run's permutation buffer
     ("lstm", {"layers": 2, "bidirectional": True}),
-    pytest.param("vit", {"pool": "cls"}, marks=pytest.mark.xfail(
-        strict=True, raises=UserError, reason="ViT.tokens expands the class token to len(t), a Python int that "
-        "fixes the batch size under torch.export; t.shape[0] keeps it symbolic (mnistlab/models/vit.py)")),
+    ("vit", {"pool": "cls"}),  # the class token expanded to t.shape[0], which torch.export keeps symbolic
 ])
 def test_options_that_change_the_graph_export_with_matching_logits(tmp_path, idx_dir, name, options):
     run = train_run(tmp_path, idx_dir, name, **options)
@@ -100,7 +98,7 @@ def test_the_file_carries_what_a_consumer_needs_in_its_metadata(tmp_path, idx_di
     assert json.loads(props["classes"]) == meta["classes"] == [str(i) for i in range(10)]
     assert float(props["mean"]) == meta["mean"] and float(props["std"]) == meta["std"]
     assert props["input_layout"] == "N,1,28,28 float32, (pixel/255 - mean)/std"
-    assert props["preprocessing"] == props["dataset"] == "custom"  # a --data-dir run
+    assert props["dataset"] == "custom" and props["preprocessing"] == "mnist"  # a --data-dir run: MNIST's recipe
     assert props["test_time_augmentation"] == "none"
     assert props["model"] == "mlp" and json.loads(props["model_kwargs"]) == {"hidden": [32]}
     assert props["mnistlab_version"] == __version__

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnistlab.deploy.preprocess import convention_for
 from mnistlab.errors import UserError
 from mnistlab.files import atomic_write_bytes
 
@@ -62,8 +63,8 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
         "mean": repr(float(meta["mean"])),
         "std": repr(float(meta["std"])),
         "input_layout": f"N,{meta['in_chans']},{IMG_SIZE},{IMG_SIZE} float32, (pixel/255 - mean)/std",
-        # a picture must look like this dataset's images (e.g. mnist: white digit on black, centred)
-        "preprocessing": dataset,
+        # the recipe that makes a picture look like this dataset's images (mnistlab/deploy/preprocess.py)
+        "preprocessing": convention_for(dataset),
         "dataset": dataset,
         # the run's reported accuracy averaged these views; the graph computes the single plain view
         "test_time_augmentation": "+".join(tta) or "none",

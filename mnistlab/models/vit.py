@@ -120,7 +120,7 @@ class ViT(nn.Module):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         t = self.patch_embed(x)  # (B, N, D), patches in row-major order
         if self.cls_token is not None:
-            t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], dim=1)  # (B, 1+N, D)
+            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)  # (B, 1+N, D)
         return t + self.pos_embed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
