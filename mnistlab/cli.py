@@ -428,6 +428,32 @@ def _add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from mnistlab.deploy.serve.app import run_server
+    except ImportError as e:
+        raise UserError(f'serving needs the serve extra: pip install "mnistlab[serve]" ({e})') from None
+    run_server(args.run_dirs, args.host, args.port)
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="a draw-a-digit page and a JSON API for trained runs",
+                       description="Serve RUN_DIRs over HTTP: a page to draw on (/), POST /api/predict, "
+                                   "GET /api/models, GET /healthz, OpenAPI docs at /docs. Binds 127.0.0.1 unless "
+                                   'told otherwise. Needs the serve extra: pip install "mnistlab[serve]".')
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `mnistlab train`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default: 8000)")
+    p.set_defaults(func=cmd_serve)
+
+
 def _add_models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description",
                        description="The model zoo: each model's parameters, forward MFLOPs and description.")
@@ -500,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_export_parser, _add_models_parser,
-                _add_plot_parser, _add_lab_parser, _add_data_parser):
+    for add in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_export_parser, _add_serve_parser,
+                _add_models_parser, _add_plot_parser, _add_lab_parser, _add_data_parser):
         add(sub)
     return parser
 

@@ -1,0 +1,102 @@
+"""The draw-a-digit page in a real browser: Debian's chromium driven by Playwright, against uvicorn on
+127.0.0.1 started and stopped by the test. Draw a digit stroke by stroke, see a prediction and the
+28x28 view appear, clear, see them go. Skipped where chromium or Playwright is not installed
+(.ci/run installs both).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# a closed network: no background connections, no component updates (env/machines: Chromium flags)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from mnistlab.cli import main
+    from mnistlab.deploy.serve.app import create_app
+
+    run = tmp_path_factory.mktemp("served") / "digits-cnn"
+    assert main(["train", "--dataset", "digits", "--epochs", "8", "--threads", "1", "--run-dir", str(run)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app([str(run)]), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def canvas_ink(page, selector: str) -> int:
+    """How many pixels of a canvas differ from its top-left (background) pixel."""
+    return page.evaluate("""(sel) => {
+        const c = document.querySelector(sel); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4) {
+            if (Math.abs(d[i] - d[0]) + Math.abs(d[i+1] - d[1]) + Math.abs(d[i+2] - d[2]) > 30) n++; }
+        return n; }""", selector)
+
+
+def test_draw_a_digit_see_the_prediction_clear_it(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    errors, foreign = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: None if r.url.startswith(server) else foreign.append(r.url))
+            page.goto(server)
+            expect(page.locator("#model")).not_to_be_empty()
+            box = page.locator("#canvas").bounding_box()
+            x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
+
+            def stroke(points):
+                page.mouse.move(x0 + points[0][0] * w, y0 + points[0][1] * h)
+                page.mouse.down()
+                for fx, fy in points[1:]:
+                    page.mouse.move(x0 + fx * w, y0 + fy * h, steps=12)
+                page.mouse.up()
+
+            stroke([(0.28, 0.22), (0.72, 0.22), (0.45, 0.82)])  # a 7: the bar, then the stem
+            expect(page.locator("#prediction")).to_contain_text("7", timeout=10_000)
+            assert canvas_ink(page, "#canvas") > 500 and canvas_ink(page, "#view") > 10
+            expect(page.locator("#probs")).to_contain_text("%")
+            page.screenshot(path=str(tmp_path / "drawn.png"), animations="disabled")
+            if os.environ.get("MNISTLAB_SCREENSHOT"):
+                shutil.copy(tmp_path / "drawn.png", os.environ["MNISTLAB_SCREENSHOT"])
+            page.click("#clear")
+            expect(page.locator("#prediction")).not_to_contain_text("7", timeout=5_000)
+            assert canvas_ink(page, "#canvas") == 0 and canvas_ink(page, "#view") == 0
+            page.screenshot(path=str(tmp_path / "cleared.png"), animations="disabled")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert not foreign, foreign  # no CDN, no network beyond the server
+    assert Path(tmp_path / "drawn.png").stat().st_size > 10_000
