@@ -100,3 +100,20 @@ def test_draw_a_digit_see_the_prediction_clear_it(server, tmp_path):
     assert not errors, errors
     assert not foreign, foreign  # no CDN, no network beyond the server
     assert Path(tmp_path / "drawn.png").stat().st_size > 10_000
+
+
+def test_the_api_docs_render_offline(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    foreign = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: None if r.url.startswith(server) else foreign.append(r.url))
+            page.goto(server + "/docs")
+            expect(page.locator(".swagger-ui")).to_contain_text("/api/predict", timeout=10_000)
+            page.screenshot(path=str(tmp_path / "docs.png"))
+        finally:
+            browser.close()
+    assert not foreign, foreign  # Swagger UI from the package, not a CDN

@@ -205,6 +205,24 @@ PREDICT_BODY = {
 }
 
 
+def _offline_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI served from the fastapi-offline package's copy (only its files are used):
+    FastAPI's default loads it from a CDN, which shows nothing on a machine without the internet."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="mnistlab API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png")
+
+
 def create_app(run_dirs: list[str]) -> FastAPI:
     """The app serving these runs; their models load in the lifespan (the first run is the default model)."""
     if not run_dirs:
@@ -227,8 +245,10 @@ def create_app(run_dirs: list[str]) -> FastAPI:
         app.state.model_calls = threading.Semaphore(MODEL_CALLS)
         yield
 
-    app = FastAPI(title="mnistlab", summary="Draw a digit; see what a trained run makes of it.", lifespan=lifespan)
+    app = FastAPI(title="mnistlab", summary="Draw a digit; see what a trained run makes of it.", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.add_middleware(LimitBody, limit=MAX_BODY)
+    _offline_docs(app)
 
     @app.exception_handler(UnreadableImage)
     def unreadable(request: Request, e: UnreadableImage) -> JSONResponse:
