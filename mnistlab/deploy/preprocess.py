@@ -5,7 +5,9 @@ Each dataset was made by a documented recipe, and a model only knows images made
 - MNIST (LeCun, Cortes, Burges): the digit's bounding box is scaled so its longer side is 20 px,
   with an area-averaging resample (anti-aliasing: it is what gives MNIST its grey levels), then
   placed in a 28x28 field so that the ink's centre of mass sits at the field's centre. Light ink
-  on black. KMNIST follows MNIST's format (Clanuwat et al. 2018) and uses this convention too.
+  on black. KMNIST's authors describe their preprocessing only as "a format similar to MNIST"
+  (Clanuwat et al. 2018); we apply MNIST's recipe to it, an assumption not yet checked against
+  KMNIST's own images (they are not on this project's offline machines).
 - digits (scikit-learn's 8x8, made MNIST-like by data/digits.py): the whole 8x8 image is upsampled
   into a 20x20 box at the centre, so every digit's box is 20 px tall and centred by the box, not by
   its mass (measured on the validation split: box height 20 +- 0, box centre 13.5).
