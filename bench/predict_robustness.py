@@ -26,18 +26,9 @@ import torch
 from common import machine_line
 from PIL import Image, ImageDraw
 
+from mnistlab.deploy.preprocess import render_as_picture
+
 N = 1000  # test images re-rendered per model
-
-
-def rerender(image28: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    rows, cols = np.flatnonzero((image28 > 0).any(1)), np.flatnonzero((image28 > 0).any(0))
-    crop = Image.fromarray(255 - image28[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    side = int(280 * rng.uniform(0.4, 0.9))
-    scale = side / max(crop.size)
-    crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BILINEAR)
-    canvas = Image.new("L", (280, 280), 255)
-    canvas.paste(crop, (int(rng.integers(0, 281 - crop.width)), int(rng.integers(0, 281 - crop.height))))
-    return canvas
 
 
 def scribble(rng: np.random.Generator) -> Image.Image:
@@ -76,12 +67,12 @@ def measure(run: Path, other: str, tmp: Path, seed: int) -> dict[str, float]:
     images, labels = ds.test_images[idx], ds.test_labels[idx]
     logits = p.logits(images)
     acc_28 = (logits.argmax(1) == labels).double().mean().item()
-    results, _ = p.predict_files(save_all([rerender(im.numpy(), rng) for im in images], tmp / "in"))
+    results, _ = p.predict_files(save_all([render_as_picture(im.numpy(), rng) for im in images], tmp / "in"))
     acc_pic = float(np.mean([r.index == int(y) for r, y in zip(results, labels.tolist(), strict=True)]))
     accepted_in = float(np.mean([r.status == "ok" for r in results]))
     ods = load_dataset(other)
     oidx = rng.permutation(len(ods.test_labels))[:N]
-    ood, _ = p.predict_files(save_all([rerender(ods.test_images[i].numpy(), rng) for i in oidx], tmp / "ood"))
+    ood, _ = p.predict_files(save_all([render_as_picture(ods.test_images[i].numpy(), rng) for i in oidx], tmp / "ood"))
     scr, _ = p.predict_files(save_all([scribble(rng) for _ in range(N)], tmp / "scribble"))
     all_logits = p.logits(ds.test_images)
     return dict(acc_28=acc_28, acc_pic=acc_pic, accepted_in=accepted_in,

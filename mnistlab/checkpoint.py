@@ -26,6 +26,7 @@ from mnistlab.files import atomic_write_bytes, atomic_write_text  # noqa: F401  
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT_VERSION = 2  # 2: payload_sha256 in the header
 MODEL_META = ("model", "model_kwargs", "in_chans", "num_classes")  # what rebuilding the model needs
+Read = tuple[dict[str, torch.Tensor], dict[str, Any]]  # what read_checkpoint returns: (tensors, meta)
 RUN_META = (*MODEL_META, "classes", "mean", "std", "config", "step")  # what evaluating or resuming a run needs
 
 
@@ -151,10 +152,12 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def load_into(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    read: Read | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load weights (and optimizer state) from `path` into existing objects; return (meta, extra)."""
-    tensors, meta = read_checkpoint(path)
+    """Load weights (and optimizer state) from `path` into existing objects; return (meta, extra).
+    `read`: what read_checkpoint(path) returned already, so the file is not read and hashed twice."""
+    tensors, meta = read if read is not None else read_checkpoint(path)
     load_state(model, prefixed(tensors, "model"), path)
     if optimizer is not None:
         try:
@@ -164,11 +167,13 @@ def load_into(
     return meta, prefixed(tensors, "extra")
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint file alone: its name and kwargs are in the metadata."""
+def load_model(path: Path, device: torch.device | str = "cpu",
+               read: Read | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint file alone: its name and kwargs are in the metadata.
+    `read`: what read_checkpoint(path) returned already, so the file is not read and hashed twice."""
     from mnistlab.models import create_model
 
-    tensors, meta = read_checkpoint(path)
+    tensors, meta = read if read is not None else read_checkpoint(path)
     require_meta(meta, MODEL_META, path)
     try:
         model = create_model(meta["model"], in_chans=meta["in_chans"], num_classes=meta["num_classes"],

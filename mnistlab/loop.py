@@ -88,7 +88,7 @@ class Engine(Protocol):
 
 
 def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train: int, total_steps: int,
-                    stop: StopFlag, progress: bool, run_path: Any = "the run folder") -> None:
+                    stop: StopFlag, progress: bool, run_path: Any) -> None:
     """Run the steps left in the current epoch (all of them, or from a mid-epoch checkpoint)."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epoch = state.step // steps_per_epoch

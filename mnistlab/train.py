@@ -5,7 +5,7 @@
     mnistlab train --recipe fast --dataset fashion-mnist
     mnistlab train --resume runs/<run>               # continue exactly where it stopped
 
-Read top to bottom: `train` opens the run folder (run.py), `setup` builds data, model and optimizer,
+Read top to bottom: `train` opens the run folder (run.py), `TorchEngine` builds data, model and optimizer,
 `fit` (loop.py, shared with the numpy engine) runs the epochs, calling this engine's `train_step`
 (`get_batch`, forward, loss, backward, clip, step), `validate` and `save`; `final_eval` writes
 results.json. The training state is one object (loop.TrainState) that a checkpoint carries.
@@ -28,6 +28,7 @@ from mnistlab.checkpoint import (
     CHECKPOINT,
     RUN_META,
     NonFiniteCheckpoint,
+    Read,
     load_into,
     read_checkpoint,
     require_meta,
@@ -168,9 +169,9 @@ class TorchEngine:
             raise TrainingDiverged(f"the weights became non-finite by step {state.step} ({e}); the last "
                                    f"checkpoint (if any) is intact in {self.run.path}") from None
 
-    def restore(self) -> TrainState:
-        """Weights, optimizer state and training state from this run's checkpoint."""
-        meta, _ = load_into(self.run.file(CHECKPOINT), self.model, self.optimizer)
+    def restore(self, read: Read) -> TrainState:
+        """Weights, optimizer state and training state from this run's checkpoint, as read_checkpoint read it."""
+        meta, _ = load_into(self.run.file(CHECKPOINT), self.model, self.optimizer, read=read)
         return TrainState.from_meta(meta)
 
 
@@ -211,11 +212,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     try:
         if resume:
             with RunFolder.open(cfg.run_dir) as run:
-                saved, meta = resume_config(run)
+                saved, read = resume_config(run)
                 saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
                 saved.threads = cfg.threads if cfg.threads is not None else saved.threads
                 _apply_process_settings(saved)
-                return _resume(run, saved, meta, progress)
+                return _resume(run, saved, read, progress)
         _apply_process_settings(cfg)
         device = pick_device(cfg.device)
         ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
@@ -242,9 +243,10 @@ def _apply_process_settings(cfg: TrainConfig) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def resume_config(run: RunFolder) -> tuple[TrainConfig, dict[str, Any] | None]:
+def resume_config(run: RunFolder) -> tuple[TrainConfig, Read | None]:
     """The run's config as its checkpoint records it (a config.json that disagrees is refused), and the
-    checkpoint's metadata; (config.json's config, None) for a run stopped before its first checkpoint."""
+    checkpoint as read (tensors, meta); (config.json's config, None) for a run stopped before its first
+    checkpoint."""
     ckpt = run.file(CHECKPOINT)
     if not ckpt.is_file():
         if not run.file(CONFIG).is_file():
@@ -253,7 +255,8 @@ def resume_config(run: RunFolder) -> tuple[TrainConfig, dict[str, Any] | None]:
         if cfg.engine == "scratch":
             raise UserError(f"--resume {run.path}: a scratch-engine run cannot be resumed (the torch engine's can)")
         return cfg, None
-    _, meta = read_checkpoint(ckpt)
+    read = read_checkpoint(ckpt)
+    meta = read[1]
     require_meta(meta, RUN_META, ckpt)
     if meta.get("engine") == "scratch":
         raise UserError(f"--resume {run.path}: a scratch-engine run cannot be resumed (the torch engine's can)")
@@ -270,7 +273,7 @@ def resume_config(run: RunFolder) -> tuple[TrainConfig, dict[str, Any] | None]:
             raise UserError(f"--resume {run.path}: config.json says {k}={on_disk[k]!r} but the checkpoint was "
                             f"trained with {k}={saved.to_dict()[k]!r} ({len(differ)} field(s) differ); resume "
                             f"continues the run as it was: restore config.json, or start a new run")
-    return saved, meta
+    return saved, read
 
 
 def _finished(run: RunFolder, cfg: TrainConfig) -> dict[str, Any]:
@@ -281,7 +284,9 @@ def _finished(run: RunFolder, cfg: TrainConfig) -> dict[str, Any]:
         raise UserError(f"{run.file(RESULTS)}: not valid JSON (the run had finished)") from None
 
 
-def _resume(run: RunFolder, cfg: TrainConfig, meta: dict[str, Any] | None, progress: bool | None) -> dict[str, Any]:
+def _resume(run: RunFolder, cfg: TrainConfig, read: Read | None,
+            progress: bool | None) -> dict[str, Any]:
+    meta = read[1] if read is not None else None
     done = meta is not None and run.file(RESULTS).exists()
     if done and "total_steps" in meta and meta["step"] >= meta["total_steps"]:
         return _finished(run, cfg)  # before loading any data: a finished run needs nothing, not even the network
@@ -293,12 +298,12 @@ def _resume(run: RunFolder, cfg: TrainConfig, meta: dict[str, Any] | None, progr
     if not run.file(CONFIG).exists():
         run.write_config(cfg.to_json())
     engine = TorchEngine(cfg, ds, pick_device(cfg.device), run)
-    if meta is None:  # killed before its first checkpoint: step 0 is exact
+    if read is None:  # killed before its first checkpoint: step 0 is exact
         state = TrainState()
         run.start_metrics()
         note(f"{run.path} stopped before its first checkpoint; starting it again from step 0")
     else:
-        state = engine.restore()
+        state = engine.restore(read)
         run.keep_metrics(state.step // steps_per_epoch)
         note(f"resuming {run.path} at step {state.step}/{total_steps} (epoch {state.step // steps_per_epoch + 1})")
     return _fit_and_finish(engine, state, progress)
@@ -333,12 +338,12 @@ def load_run_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]
     ckpt = Path(run_dir) / CHECKPOINT
     if not ckpt.is_file():
         raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
-    _, meta = read_checkpoint(ckpt)
-    require_meta(meta, RUN_META, ckpt)
-    if meta.get("engine") == "scratch":
+    read = read_checkpoint(ckpt)
+    require_meta(read[1], RUN_META, ckpt)
+    if read[1].get("engine") == "scratch":
         from mnistlab.scratch.train import load_model as load_scratch
 
-        return load_scratch(ckpt)
+        return load_scratch(ckpt, read)
     from mnistlab.checkpoint import load_model
 
-    return load_model(ckpt)
+    return load_model(ckpt, read=read)

@@ -12,7 +12,7 @@ from PIL import Image
 from mnistlab.cli import main
 from mnistlab.deploy import preprocess
 from mnistlab.deploy.predict import Predictor, expected_calibration_error, fit_temperature
-from mnistlab.deploy.preprocess import prepare, to_model_input
+from mnistlab.deploy.preprocess import prepare, render_as_picture, to_model_input
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +131,6 @@ def test_fit_temperature_recovers_a_known_temperature():
     assert expected_calibration_error(probs, torch.zeros(100, dtype=torch.long)) == pytest.approx(0.9)
 
 
-def rerender(image28: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """A 28x28 test image drawn the way a person's picture looks: 280x280, dark ink on white, the digit's
-    box at 40-90% of the canvas, at a random place."""
-    rows, cols = np.flatnonzero((image28 > 0).any(1)), np.flatnonzero((image28 > 0).any(0))
-    crop = Image.fromarray(255 - image28[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    side = int(280 * rng.uniform(0.4, 0.9))
-    scale = side / max(crop.size)
-    crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BILINEAR)
-    canvas = Image.new("L", (280, 280), 255)
-    canvas.paste(crop, (int(rng.integers(0, 281 - crop.width)), int(rng.integers(0, 281 - crop.height))))
-    return canvas
-
-
 @pytest.mark.slow
 def test_rerendered_test_digits_keep_their_accuracy(tmp_path, digits_run):
     from mnistlab.data.dataset import load_dataset
@@ -155,7 +142,7 @@ def test_rerendered_test_digits_keep_their_accuracy(tmp_path, digits_run):
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
-        picture = rerender(ds.test_images[i].numpy(), rng)
+        picture = render_as_picture(ds.test_images[i].numpy(), rng)
         path = tmp_path / (f"{i}.jpg" if i % 2 else f"{i}.png")
         picture.save(path, quality=90) if i % 2 else picture.save(path)
         paths.append(str(path))

@@ -24,8 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 FORMATS = ("PNG", "JPEG", "BMP")
 MAX_PIXELS = 25_000_000  # a larger image is refused before decoding (a decompression bomb)
@@ -73,8 +77,7 @@ def load_ink(path: str | Path) -> tuple[np.ndarray, bool]:
         raise UnreadableImage(f"{path}: too large (at most {MAX_PIXELS:,} pixels; refused before decoding)") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise UnreadableImage(f"{path}: not a readable PNG, JPEG or BMP image ({e})") from None
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    inverted = bool(np.median(border) > 0.5)
+    inverted = _border_level(grey) > 0.5
     ink = 1.0 - grey if inverted else grey
     return ink, inverted
 
@@ -88,9 +91,15 @@ def _resize(ink: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img.resize((width, height), resample=Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
-def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Bounding box (top, bottom, left, right) of pixels clearly above the background, or None if blank."""
-    background = float(np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])))
+def _border_level(a: np.ndarray) -> float:
+    """The median of the picture's outermost pixels: its background, in any sensible photo or drawing."""
+    return float(np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])))
+
+
+def _ink_box(ink: np.ndarray) -> tuple[tuple[int, int, int, int], float] | None:
+    """(bounding box (top, bottom, left, right) of pixels clearly above the background, the background
+    level), or None if blank."""
+    background = _border_level(ink)
     peak = float(ink.max())
     if peak - background < BLANK_INK:
         return None
@@ -100,16 +109,15 @@ def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     if mask.sum() < MIN_INK_PIXELS:
         return None
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1), background
 
 
 def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
     """(28x28 uint8, blank) from an ink map, by a dataset's own recipe ("mnist", "digits" or "fashion")."""
-    box = _ink_box(ink)
-    if box is None:
+    found = _ink_box(ink)
+    if found is None:
         return np.zeros((28, 28), dtype=np.uint8), True
-    top, bottom, left, right = box
-    background = float(np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])))
+    (top, bottom, left, right), background = found
     crop = np.clip(ink[top:bottom, left:right] - background, 0, None)
     crop = crop / max(float(crop.max()), 1e-6)  # full-scale ink, as the datasets' strokes are
     h, w = crop.shape
@@ -131,6 +139,22 @@ def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
     ey, ex = min(nh, 28 - y0), min(nw, 28 - x0)
     field[y0 + sy : y0 + ey, x0 + sx : x0 + ex] = small[sy:ey, sx:ex]
     return np.clip(np.rint(field * 255.0), 0, 255).astype(np.uint8), False
+
+
+def render_as_picture(image28: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """The reverse direction, for measuring this module: a dataset image (28, 28) uint8 drawn the way a
+    person's picture looks: 280x280, dark ink on white, the item's box at a random 40-90% of the canvas,
+    at a random place (bench/predict_robustness.py, tests/test_predict.py)."""
+    from PIL import Image
+
+    rows, cols = np.flatnonzero((image28 > 0).any(1)), np.flatnonzero((image28 > 0).any(0))
+    crop = Image.fromarray(255 - image28[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    side = int(280 * rng.uniform(0.4, 0.9))
+    scale = side / max(crop.size)
+    crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BILINEAR)
+    canvas = Image.new("L", (280, 280), 255)
+    canvas.paste(crop, (int(rng.integers(0, 281 - crop.width)), int(rng.integers(0, 281 - crop.height))))
+    return canvas
 
 
 def convention_for(dataset: str) -> str:

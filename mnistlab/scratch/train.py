@@ -147,12 +147,12 @@ class ScratchEngine:
         write_tensors(self.run.file(CHECKPOINT), tensors, dict(self.meta, **state.to_meta()))
 
 
-def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a scratch model from its checkpoint file alone."""
+def load_model(path: Path, read: tuple[dict, dict[str, Any]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a scratch model from its checkpoint file alone (`read`: read_checkpoint's result, if at hand)."""
     from mnistlab.checkpoint import prefixed, read_checkpoint
     from mnistlab.errors import UserError
 
-    tensors, meta = read_checkpoint(path)
+    tensors, meta = read if read is not None else read_checkpoint(path)
     try:
         model = nn.create_model(meta["model"], in_chans=meta["in_chans"], num_classes=meta["num_classes"],
                                 **meta["model_kwargs"])
