@@ -23,6 +23,22 @@ def pyplot():
     return plt
 
 
+def figure_bytes(fig, fmt: str = "png", dpi: int = 100) -> bytes:
+    """Lay out `fig`, render it in memory (PNG by default) and free it."""
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, format=fmt, dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    return buf.getvalue()
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """The PNG bytes of `fig` (which is closed): what the HTML report inlines."""
+    return figure_bytes(fig, "png", dpi)
+
+
 def save_figure(fig, out: str | Path, dpi: int = 100) -> Path:
     """Lay out `fig`, write it to `out` (PNG unless the suffix names another format) and free it.
 
@@ -30,14 +46,9 @@ def save_figure(fig, out: str | Path, dpi: int = 100) -> Path:
     the previous file or none, never a 0-byte or truncated picture. An OSError is a UserError.
     """
     out = Path(out)
-    buf = io.BytesIO()
+    data = figure_bytes(fig, out.suffix[1:].lower() or "png", dpi)
     try:
-        fig.tight_layout()
-        fig.savefig(buf, format=out.suffix[1:].lower() or "png", dpi=dpi)
-    finally:
-        pyplot().close(fig)
-    try:
-        atomic_write_bytes(out, buf.getvalue())
+        atomic_write_bytes(out, data)
     except OSError as e:
         reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
         raise UserError(f"cannot write {out}: {reason}") from e
