@@ -454,6 +454,52 @@ def _add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnistlab.inspect.report import write_report
+
+    out = write_report(Path(args.run_dir), Path(args.output) if args.output else None)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser)")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page of what a run learned",
+                       description="Build an HTML report from RUN_DIR alone: the run, learning curves, confusion, "
+                                   "mistakes, calibration, saliency, and what the model's layers, attention or "
+                                   "hidden states do. Images and styles are inline: it opens from disk, offline.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mnistlab.inspect.compare import run_compare
+
+    return run_compare(args)
+
+
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="train a grid of models x seeds, or aggregate runs, into a leaderboard",
+                       description="With --models: train every (model, seed) of the grid, each in its own process "
+                                   "and run folder under -o DIR (finished runs are skipped, a killed one resumed), "
+                                   "then write the leaderboard. With RUN_DIRs: aggregate existing runs, grouped by "
+                                   "dataset, model, recipe and configuration less the seed. The leaderboard "
+                                   "(markdown, CSV and a figure) reports test accuracy as mean +- std over seeds.")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="existing runs to aggregate (instead of a grid)")
+    p.add_argument("--dataset", help="the grid's dataset (default: fashion-mnist)")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="the grid's models (mnistlab models lists them)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="the grid's seeds (default: 0 1 2)")
+    p.add_argument("--recipe", help="a recipe for every run of the grid")
+    p.add_argument("--epochs", type=_arg_type("positive_int"), help="epochs for every run of the grid")
+    p.add_argument("--threads", type=_arg_type("positive_int"), help="CPU threads per run (default: all cores)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="folder for the grid's runs and the leaderboard (default: runs/compare); "
+                        "with RUN_DIRs, where the leaderboard goes (default: the current folder)")
+    p.set_defaults(func=cmd_compare)
+
+
 def _add_models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, description",
                        description="The model zoo: each model's parameters, forward MFLOPs and description.")
@@ -527,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_export_parser, _add_serve_parser,
-                _add_models_parser, _add_plot_parser, _add_lab_parser, _add_data_parser):
+                _add_report_parser, _add_compare_parser, _add_models_parser, _add_plot_parser, _add_lab_parser,
+                _add_data_parser):
         add(sub)
     return parser
 
