@@ -90,6 +90,11 @@ def sample_grid(
 
 
 def grad_flow(records: list[dict], out: str | Path, *, title: str = "") -> Path:
+    """Save the grad-flow figure of a run's records (see grad_flow_figure)."""
+    return save_figure(grad_flow_figure(records, title=title), out, dpi=110)
+
+
+def grad_flow_figure(records: list[dict], *, title: str = ""):
     """Per-time-step ||dL/dh_t|| (recurrent models) and per-layer gradient norms, log scale."""
     plt = pyplot()
     has_time = any(r.get("time_grad_norm") for r in records)
@@ -128,4 +133,4 @@ def grad_flow(records: list[dict], out: str | Path, *, title: str = "") -> Path:
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, out, dpi=110)
+    return fig
