@@ -132,22 +132,7 @@ class RunFolder:
         append_line(self.path / METRICS, to_json(record, indent=None))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        text = path.read_text()
-        lines = text.splitlines()
-        records = []
-        for n, ln in enumerate(lines, 1):
-            if ln.strip():
-                try:
-                    records.append(json.loads(ln))
-                except ValueError:
-                    if n == len(lines) and not text.endswith("\n"):
-                        break  # a record torn by a kill mid-append: its epoch has no checkpoint, and is redone
-                    raise UserError(f"{path}: line {n} is not a JSON record; restore the file or start a new "
-                                    "run") from None
-        return records
+        return read_metrics(self.path / METRICS)
 
     def keep_metrics(self, epochs_done: int) -> None:
         """Drop records of epochs after the checkpoint (a kill between the metrics and checkpoint writes)."""
@@ -226,6 +211,25 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when there is none); a torn last line is dropped."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for n, ln in enumerate(lines, 1):
+        if ln.strip():
+            try:
+                records.append(json.loads(ln))
+            except ValueError:
+                if n == len(lines) and not text.endswith("\n"):
+                    break  # a record torn by a kill mid-append: its epoch has no checkpoint, and is redone
+                raise UserError(f"{path}: line {n} is not a JSON record; restore the file or start a new "
+                                "run") from None
+    return records
 
 
 def environment(device: str, dataset: Any, **extra: Any) -> dict[str, Any]:
