@@ -117,3 +117,42 @@ def test_the_api_docs_render_offline(server, tmp_path):
         finally:
             browser.close()
     assert not foreign, foreign  # Swagger UI from the package, not a CDN
+
+
+def test_the_report_opens_from_disk_without_errors_or_requests(tmp_path):
+    """A run's report in chromium from file://: no console error, no request but the file itself, and a
+    screenshot that is not blank (many distinct colours, not one background)."""
+    pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from mnistlab.cli import main
+
+    run = tmp_path / "digits-cnn"
+    assert main(["train", "--dataset", "digits", "--epochs", "3", "--threads", "1", "--run-dir", str(run)]) == 0
+    assert main(["report", str(run)]) == 0
+    url = (run / "report.html").as_uri()
+    errors, foreign = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: None if r.url == url or r.url.startswith("data:") else foreign.append(r.url))
+            page.goto(url)
+            page.wait_for_load_state("load")
+            broken = page.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            if os.environ.get("MNISTLAB_REPORT_SCREENSHOT"):
+                shutil.copy(tmp_path / "report.png", os.environ["MNISTLAB_REPORT_SCREENSHOT"])
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert not foreign, foreign
+    assert broken == 0
+    shot = Image.open(tmp_path / "report.png").convert("RGB")
+    assert shot.height > 2000  # every section laid out, not an error page
+    assert len(shot.getcolors(maxcolors=1 << 20) or []) > 200  # figures drawn, not a blank page
