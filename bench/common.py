@@ -31,20 +31,6 @@ def run_train(args: list[str]) -> tuple[dict, float, list[dict]]:
 
 def machine_line() -> str:
     """The CPU model, core count and torch version: what a timing was measured on."""
-    import os
-    import platform
+    from mnistlab.inspect.leaderboard import machine_line as line
 
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                cpu += " (" + ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2") + ")"
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return line()

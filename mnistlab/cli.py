@@ -5,6 +5,9 @@
     mnistlab train --recipe fast --dataset fashion-mnist
     mnistlab train --resume runs/RUN        continue a stopped run exactly
     mnistlab eval runs/RUN                  accuracy, per-class accuracy, confusion matrix
+    mnistlab report runs/RUN                one HTML page of what the run learned
+    mnistlab compare --models cnn vit --seeds 0 1 2    train a grid, then a leaderboard
+    mnistlab compare runs/*                 a leaderboard of finished runs
     mnistlab models                         the zoo: parameters, MFLOPs, description
     mnistlab data list                      where each dataset is (or "not present")
     mnistlab data fetch fashion-mnist       download and verify into ~/.cache/mnistlab
