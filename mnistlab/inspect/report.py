@@ -375,8 +375,32 @@ def section_grad_flow(ctx: Context) -> Section | None:
                              "at the recorded steps: vanishing gradients show as a slope over time steps."))
 
 
+def section_saliency(ctx: Context) -> Section | None:
+    if not ctx.is_torch:
+        return None
+    from mnistlab.inspect.saliency import saliency_figure
+
+    idx = ctx.sample()
+    fig, st = saliency_figure(ctx.model, ctx.test_images[idx], ctx.test_labels[idx], ctx.mean, ctx.std, ctx.classes)
+    corr = st["rank_correlation_vs_random"]
+    rows = [(name, f"{value:.2f}") for name, value in corr.items()]
+    text = (f"Maps of the predicted class's logit for a fixed sample (the first test image of each class). "
+            f"Integrated gradients start from a black image in the model's normalised input space; their "
+            f"completeness gap |sum of attributions - (f(x) - f(black))| / |f(x) - f(black)| is "
+            f"{100 * st['completeness_gap_mean']:.2f}% on average, {100 * st['completeness_gap_max']:.2f}% at most "
+            f"(trapezoid rule, intervals halved per image until the gap is under {100 * st['ig_tol']:.0f}%). "
+            "Sanity check (Adebayo et al. 2018): the rank correlation between each method's maps for this model "
+            "and for the same architecture with re-initialised weights. Near 1 means the map would look the same "
+            "for a model that learned nothing: it shows the input, not the model. Integrated gradients from a "
+            "black image multiply by the input, so their maps keep the ink's shape whatever the model; the path "
+            "gradient alone is the part that depends on the model.")
+    return Section("saliency", "Saliency", img(fig, "saliency maps", dpi=100) + caption(text)
+                   + table(rows, ("method", "rank correlation with a randomised model")))
+
+
 SECTIONS: list[Callable[[Context], Section | None]] = [
-    section_run, section_curves, section_confusion, section_mistakes, section_calibration, section_grad_flow,
+    section_run, section_curves, section_confusion, section_mistakes, section_calibration, section_saliency,
+    section_grad_flow,
 ]
 
 
