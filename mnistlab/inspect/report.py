@@ -60,6 +60,7 @@ class Context:
     test_labels: torch.Tensor  # (Nt,) int64
     val_logits: torch.Tensor | None = None  # (Nv, K) float32, plain views
     test_logits: torch.Tensor | None = None  # (Nt, K)
+    test_features: np.ndarray | None = None  # (Nt, D) penultimate features, from the same pass as test_logits
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -145,8 +146,11 @@ def load_context(run_dir: Path) -> Context:
     if ctx.is_torch:
         model.eval()
         torch.manual_seed(0)  # nothing here should draw random numbers; if a section does, it is repeatable
-        ctx.val_logits = _logits(model, ctx.val_images, ctx.mean, ctx.std)
-        ctx.test_logits = _logits(model, ctx.test_images, ctx.mean, ctx.std)
+        from mnistlab.inspect.features import features_and_logits
+
+        with torch.inference_mode():
+            ctx.val_logits = _logits(model, ctx.val_images, ctx.mean, ctx.std)
+            ctx.test_features, ctx.test_logits = features_and_logits(model, ctx.test_images, ctx.mean, ctx.std)
     return ctx
 
 
@@ -398,9 +402,89 @@ def section_saliency(ctx: Context) -> Section | None:
                    + table(rows, ("method", "rank correlation with a randomised model")))
 
 
+def section_filters(ctx: Context) -> Section | None:
+    if not ctx.is_torch:
+        return None
+    from mnistlab.inspect.filters import feature_maps_figure, filters_figure
+
+    filters = filters_figure(ctx.model)
+    if filters is None:
+        return None
+    first = int(ctx.sample()[0])
+    with torch.inference_mode():
+        maps = feature_maps_figure(ctx.model, ctx.test_images, ctx.mean, ctx.std, index=first,
+                                   labels=ctx.test_labels, classes=ctx.classes)
+    return Section("filters", "Convolution filters and feature maps",
+                   img(filters, "first-layer filters") + caption(
+                       "The first layer's filters (3x3 weights, red positive, blue negative, each on its own scale): "
+                       "most are small edge and blob detectors.")
+                   + (img(maps, "feature maps") + caption(
+                       "One test image at each stage: the mean over channels, then the channels that vary most over "
+                       "the image. Resolution falls and the number of channels rises with depth: from where the "
+                       "ink is to what is there.") if maps is not None else ""))
+
+
+def section_attention(ctx: Context) -> Section | None:
+    if not ctx.is_torch:
+        return None
+    from mnistlab.inspect.attention import attention_heads_figure, attention_rollout_figure
+
+    idx = ctx.sample().tolist()
+    with torch.inference_mode():
+        heads = attention_heads_figure(ctx.model, ctx.test_images, ctx.mean, ctx.std, labels=ctx.test_labels,
+                                       classes=ctx.classes, indices=idx[:3])
+        if heads is None:
+            return None
+        rollout = attention_rollout_figure(ctx.model, ctx.test_images, ctx.mean, ctx.std, labels=ctx.test_labels,
+                                           classes=ctx.classes, indices=idx)
+    return Section("attention", "Attention",
+                   img(heads, "attention per head and layer") + caption(
+                       "How much attention each patch receives in each head of each block, averaged over all "
+                       "querying patches, for three test images.")
+                   + img(rollout, "attention rollout") + caption(
+                       "Attention rollout (Abnar and Zuidema 2020): each layer's head-averaged attention plus the "
+                       "identity (the residual connection), rows renormalised, multiplied up the layers: how much "
+                       "each patch's input reaches the pooled output."))
+
+
+def section_hidden(ctx: Context) -> Section | None:
+    if not ctx.is_torch:
+        return None
+    from mnistlab.inspect.hidden import hidden_states_figure
+
+    with torch.inference_mode():
+        fig = hidden_states_figure(ctx.model, ctx.test_images, ctx.mean, ctx.std, labels=ctx.test_labels,
+                                   classes=ctx.classes, indices=ctx.sample().tolist()[:3])
+    if fig is None:
+        return None
+    return Section("hidden", "Hidden state over time", img(fig, "hidden states") + caption(
+        "For three test images: the hidden state h_t (units x time steps) as the model reads the image, and the "
+        "classifier applied to h_t at each step: what it would answer if the image ended there. The head was "
+        "trained on the last step only, so early probabilities are indicative, not calibrated."))
+
+
+def section_features(ctx: Context) -> Section | None:
+    if ctx.test_features is None:
+        return None
+    from mnistlab.inspect.features import class_cosine_figure, feature_map_figure
+
+    labels = ctx.test_labels.numpy()
+    proj = feature_map_figure(ctx.test_features, labels, ctx.classes)
+    cos_fig, cos = class_cosine_figure(ctx.test_features, labels, ctx.classes)
+    off = cos.copy()
+    np.fill_diagonal(off, -np.inf)
+    i, j = np.unravel_index(np.nanargmax(off), off.shape)
+    return Section("features", "What the last layer sees", img(proj, "PCA and t-SNE of the features") + caption(
+        f"The penultimate features ({ctx.test_features.shape[1]} numbers per image, the classifier's input) of the "
+        "test set in two dimensions, coloured by true class: PCA of all of them, t-SNE of a seeded subsample.")
+        + img(cos_fig, "cosine similarity of class means") + caption(
+        f"Cosine similarity between the class-mean feature vectors, centred on the global mean. The closest pair: "
+        f"<b>{esc(ctx.classes[i])}</b> and <b>{esc(ctx.classes[j])}</b> ({cos[i, j]:.2f})."))
+
+
 SECTIONS: list[Callable[[Context], Section | None]] = [
     section_run, section_curves, section_confusion, section_mistakes, section_calibration, section_saliency,
-    section_grad_flow,
+    section_filters, section_attention, section_hidden, section_grad_flow, section_features,
 ]
 
 
