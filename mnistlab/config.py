@@ -109,6 +109,9 @@ class TrainConfig:
                           "(grad_flow.jsonl)", "bool")
     grad_flow_steps: list[int] | None = opt(None, "steps to record at (default: step 0 and the last step of each "
                                             "epoch)", "steps", optional=True)
+    tensorboard: bool = opt(False, "write TensorBoard logs to RUN_DIR/tb/ at each epoch's end: losses, accuracies, lr, "
+                            "images/s, weight and gradient histograms, sample predictions (torch engine; needs "
+                            'pip install "mnistlab[tensorboard]")', "bool")
     # reproducibility and hardware
     seed: int = opt(0, "seeds weights, order, dropout and augmentation", "seed")
     deterministic: bool = opt(False, "force deterministic kernels (GPU)", "bool")
@@ -143,6 +146,9 @@ class TrainConfig:
             if isinstance(self.model_kwargs, dict) else []
         if reserved:
             problems.append(f"model_kwargs sets {', '.join(reserved)} (the dataset decides these)")
+        if self.tensorboard is True and self.engine == "scratch":
+            problems.append("tensorboard = True with engine = 'scratch' (the numpy engine writes no TensorBoard "
+                            "logs; train with --engine torch)")
         if self.recipe is not None and self.recipe not in RECIPES:
             problems.append(f"recipe = {self.recipe!r} (known recipes: {', '.join(RECIPES)})")
         elif self.recipe is not None and RECIPES[self.recipe]["model"] != self.model:

@@ -14,12 +14,15 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mnistlab.config import TrainConfig
 from mnistlab.data.batches import epoch_permutation
 from mnistlab.errors import UserError
 from mnistlab.run import RunFolder, StopFlag, epoch_summary, kill_point_for_tests, note, say
+
+if TYPE_CHECKING:
+    from mnistlab.tensorboard import TensorBoardLog
 
 
 class TrainingDiverged(UserError):
@@ -138,8 +141,10 @@ def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train
     state.train_seconds += elapsed
 
 
-def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, epoch: int, lr: float) -> None:
-    """Validate, append the epoch's metrics record, checkpoint, report; start the next epoch's sums."""
+def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, epoch: int, lr: float,
+                 tensorboard: TensorBoardLog | None = None) -> None:
+    """Validate, append the epoch's metrics record (and its TensorBoard events), checkpoint, report; start the
+    next epoch's sums."""
     val_loss, val_accuracy = engine.validate()
     if not math.isfinite(val_loss):
         raise TrainingDiverged(f"the weights became non-finite in epoch {epoch} (validation loss {val_loss}); "
@@ -151,6 +156,8 @@ def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFo
                   train_accuracy=state.epoch_correct / seen, val_loss=val_loss, val_accuracy=val_accuracy, lr=lr,
                   seconds=state.epoch_seconds, images_per_second=state.epoch_seen / max(state.epoch_seconds, 1e-9))
     run.append_metrics(record)
+    if tensorboard is not None:  # before the checkpoint, as the metrics: a resume redoes (and purges) this epoch
+        tensorboard.log_epoch(record)
     kill_point_for_tests("metrics", epoch)
     state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0, 0, 0.0
     engine.save(state)
@@ -158,10 +165,11 @@ def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFo
 
 
 def fit(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, n_train: int,
-        progress: bool) -> None:
+        progress: bool, tensorboard: TensorBoardLog | None = None) -> None:
     """Train from `state` to the last step: epochs of steps, each ended by validation and a checkpoint.
 
-    Ctrl-C finishes the current step, checkpoints (mid-epoch too) and raises KeyboardInterrupt.
+    With `tensorboard` (--tensorboard), each epoch's end is recorded there too. Ctrl-C finishes the current
+    step, checkpoints (mid-epoch too) and raises KeyboardInterrupt.
     """
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -174,7 +182,7 @@ def fit(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, n_t
                      f"{_how_to_continue(engine, run)}")
                 raise KeyboardInterrupt
             epoch = state.step // steps_per_epoch
-            end_of_epoch(cfg, engine, state, run, epoch, get_lr(state.step - 1, total_steps, cfg))
+            end_of_epoch(cfg, engine, state, run, epoch, get_lr(state.step - 1, total_steps, cfg), tensorboard)
             if stop.requested:
                 note(f"interrupted at the end of epoch {epoch}; checkpoint saved. {_how_to_continue(engine, run)}")
                 raise KeyboardInterrupt

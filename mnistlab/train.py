@@ -7,8 +7,9 @@
 
 Read top to bottom: `train` opens the run folder (run.py), `TorchEngine` builds data, model and optimizer,
 `fit` (loop.py, shared with the numpy engine) runs the epochs, calling this engine's `train_step`
-(`get_batch`, forward, loss, backward, clip, step), `validate` and `save`; `final_eval` writes
-results.json. The training state is one object (loop.TrainState) that a checkpoint carries.
+(`get_batch`, forward, loss, backward, clip, step), `validate` and `save` (with --tensorboard, also
+tensorboard.py's writer at each epoch's end); `final_eval` writes results.json. The training state is one
+object (loop.TrainState) that a checkpoint carries.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from mnistlab.run import (
     say,
     tune_allocator,
 )
+from mnistlab.tensorboard import TB_DIR, TensorBoardLog, require_tensorboard
 
 MAX_SHIFT = 2  # --augment shift moves images by up to this many pixels
 
@@ -103,6 +105,8 @@ class TorchEngine:
         # shifts: every image with MAX_SHIFT black pixels around it, once, so a shifted image is a window of it
         self.padded_x = F.pad(self.train_x, (MAX_SHIFT,) * 4) if cfg.augment == "shift" else None  # (N, H+4, W+4)
         self.flow_steps: set[int] = set()
+        self.tensorboard: TensorBoardLog | None = None
+        self.tensorboard_grad_steps: set[int] = set()  # the last step of each epoch, with --tensorboard
         self.model.train()
 
     def meta(self) -> dict[str, Any]:
@@ -136,6 +140,8 @@ class TorchEngine:
             loss.backward()
             if step in self.flow_steps:  # raw gradients, before clipping: clipping would hide an explosion
                 gradflow.record(self.run.path, step, self.model, x, y)
+            if step in self.tensorboard_grad_steps:  # the epoch's last gradients, before clipping (as grad-flow)
+                self.tensorboard.keep_grads()
             if self.cfg.grad_clip:
                 # foreach: all norms in one pass (CPU defaults to one op per tensor plus a cat)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
@@ -213,10 +219,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if resume:
             with RunFolder.open(cfg.run_dir) as run:
                 saved, read = resume_config(run)
+                if saved.tensorboard:
+                    require_tensorboard()
                 saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
                 saved.threads = cfg.threads if cfg.threads is not None else saved.threads
                 _apply_process_settings(saved)
                 return _resume(run, saved, read, progress)
+        if cfg.tensorboard:
+            require_tensorboard()  # before the data and the run folder
         _apply_process_settings(cfg)
         device = pick_device(cfg.device)
         ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
@@ -325,9 +335,19 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
         gradflow.keep_before(run.path, state.step)  # drop records a resume will redo
     note(f"{ds.summary()}\nmodel {cfg.model}: {count_params(engine.model):,} parameters on {engine.device}, "
          f"{torch.get_num_threads()} threads; {cfg.epochs} epochs of {steps_per_epoch} steps")
+    if cfg.tensorboard:
+        # a resume hides the events after its checkpoint's step: those of the steps it redoes
+        engine.tensorboard = TensorBoardLog(run.path, engine.model, ds.val_images, ds.val_labels, ds.classes,
+                                            ds.mean, ds.std, purge_step=state.step + 1)
+        engine.tensorboard_grad_steps = {e * steps_per_epoch - 1 for e in range(1, cfg.epochs + 1)}
+        note(f"TensorBoard logs in {run.file(TB_DIR)}: tensorboard --logdir {run.path.parent}")
     if progress is None:
         progress = sys.stderr.isatty()
-    fit(cfg, engine, state, run, len(ds.train_labels), progress)
+    try:
+        fit(cfg, engine, state, run, len(ds.train_labels), progress, engine.tensorboard)
+    finally:
+        if engine.tensorboard is not None:
+            engine.tensorboard.close()
     results = final_eval(engine, state)
     run.write_results(results)
     return results
