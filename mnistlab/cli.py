@@ -4,6 +4,8 @@
     mnistlab train --dataset digits         offline, in seconds
     mnistlab train --recipe fast --dataset fashion-mnist
     mnistlab train --resume runs/RUN        continue a stopped run exactly
+    mnistlab pretrain --dataset fashion-mnist          masked patch modelling, no labels (MAE)
+    mnistlab train --model vit --init runs/PRE --labels-per-class 100   fine-tune it on 1,000 labels
     mnistlab eval runs/RUN                  accuracy, per-class accuracy, confusion matrix
     mnistlab report runs/RUN                one HTML page of what the run learned
     mnistlab compare --models cnn vit --seeds 0 1 2    train a grid, then a leaderboard
@@ -152,20 +154,15 @@ def _arg_type(kind: str):
     return parse
 
 
-def _add_train_parser(sub) -> None:
-    """`mnistlab train`: one flag per TrainConfig field, declared once in config.py."""
+def _add_config_flags(p: argparse.ArgumentParser, config_cls: type) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per field of a config dataclass (config.py declares each once, with its help and kind);
+    returns the argument groups, by name, for the flags a command adds by hand."""
     from dataclasses import fields
 
-    from mnistlab.config import RECIPES, TrainConfig
+    from mnistlab.config import RECIPES
 
-    p = sub.add_parser(
-        "train", help="train a model; writes a run folder",
-        description="Train a model. Precedence: defaults < the model's defaults < the dataset's < --recipe < "
-                    "explicit flags. Recipes (each belongs to its model): "
-                    + "; ".join(f"{k} ({v['model']}): {v['doc']}" for k, v in RECIPES.items()) + ".",
-    )
     groups = {name: p.add_argument_group(name) for name in ("data", "model", "optimisation", "run")}
-    for f in fields(TrainConfig):
+    for f in fields(config_cls):
         m = f.metadata
         if not m["flag"]:
             continue
@@ -178,9 +175,23 @@ def _add_train_parser(sub) -> None:
             kw["choices"] = m["choices"]
         elif m["kind"] != "str":
             kw["type"] = _arg_type(m["kind"])
-        if f.name in ("data_dir", "run_dir"):
+        if f.name in ("data_dir", "run_dir", "init"):
             kw["metavar"] = "DIR"
         groups[m["group"]].add_argument(flag, **kw)
+    return groups
+
+
+def _add_train_parser(sub) -> None:
+    """`mnistlab train`: one flag per TrainConfig field, declared once in config.py."""
+    from mnistlab.config import RECIPES, TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train a model; writes a run folder",
+        description="Train a model. Precedence: defaults < the model's defaults < the dataset's < --recipe < "
+                    "explicit flags. Recipes (each belongs to its model): "
+                    + "; ".join(f"{k} ({v['model']}): {v['doc']}" for k, v in RECIPES.items()) + ".",
+    )
+    groups = _add_config_flags(p, TrainConfig)
     g = groups["model"]
     g.add_argument("--seq", choices=("rows", "pixels", "permuted"),
                    help="rnn/gru/lstm: read 28 rows, 784 pixels, or 784 pixels in a seeded fixed order")
@@ -190,6 +201,61 @@ def _add_train_parser(sub) -> None:
                                help="continue the run in RUN_DIR from its last checkpoint, with the configuration "
                                     "the checkpoint records (only --device and --threads may be given)")
     p.set_defaults(func=cmd_train)
+
+
+def _add_pretrain_parser(sub) -> None:
+    """`mnistlab pretrain`: one flag per PretrainConfig field, declared once in config.py."""
+    from mnistlab.config import PretrainConfig
+
+    p = sub.add_parser(
+        "pretrain", help="pre-train a ViT encoder without labels (masked patch modelling); writes a run folder",
+        description="Masked patch modelling (MAE or SimMIM) on the training split's images, without their labels "
+                    "and never the test split; validation images only for the reconstruction loss curve. Writes a "
+                    "run folder like train's, with a reconstruction figure per epoch. Fine-tune the encoder with "
+                    "`mnistlab train --model vit --init RUN_DIR`.")
+    groups = _add_config_flags(p, PretrainConfig)
+    groups["model"].add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE",
+                                 help="an encoder option, repeatable: --model-arg patch=4 --model-arg dim=96 "
+                                      "(`mnistlab train --init` needs the same ones)")
+    groups["run"].add_argument("--resume", metavar="RUN_DIR",
+                               help="continue the pre-training in RUN_DIR from its last checkpoint, with the "
+                                    "configuration the checkpoint records (only --device and --threads may be given)")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def _refuse_flags_with_resume(explicit: dict, model_kwargs: dict) -> None:
+    given = [k for k, v in explicit.items() if v is not None and k not in ("device", "threads")]
+    if model_kwargs:
+        given.append("model_arg")
+    if given:
+        raise UserError(f"--resume continues with the run's saved config; drop "
+                        f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from mnistlab.config import PretrainConfig
+
+    explicit = {f.name: getattr(args, f.name, None) for f in fields(PretrainConfig) if f.metadata["flag"]}
+    model_kwargs = dict(args.model_arg or [])
+    if args.resume:
+        _refuse_flags_with_resume(explicit, model_kwargs)
+        cfg = PretrainConfig(run_dir=args.resume, threads=args.threads)
+        cfg.device = args.device  # None: as the run was trained
+    else:
+        cfg = PretrainConfig.from_dict(dict({k: v for k, v in explicit.items() if v is not None},
+                                            model_kwargs=model_kwargs), source="pretrain flags")
+        from mnistlab.models import create_model
+        from mnistlab.models.mae import create_masked_model
+
+        # a bad --model-arg or decoder shape fails here, before any data is loaded
+        create_masked_model(cfg.method, create_model(cfg.model, **cfg.model_kwargs), decoder_dim=cfg.decoder_dim,
+                            decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads)
+    from mnistlab.pretrain import pretrain
+
+    pretrain(cfg, resume=bool(args.resume))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -202,12 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seq is not None:
         model_kwargs["seq"] = args.seq
     if args.resume:
-        given = [k for k, v in explicit.items() if v is not None and k not in ("device", "threads")]
-        if model_kwargs:
-            given.append("model_arg")
-        if given:
-            raise UserError(f"--resume continues with the run's saved config; drop "
-                            f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+        _refuse_flags_with_resume(explicit, model_kwargs)
         cfg = TrainConfig(run_dir=args.resume, threads=args.threads)
         cfg.device = args.device  # None: as the run was trained (train() takes the rest from the checkpoint)
     else:
@@ -575,9 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_export_parser, _add_serve_parser,
-                _add_report_parser, _add_compare_parser, _add_models_parser, _add_plot_parser, _add_lab_parser,
-                _add_data_parser):
+    for add in (_add_train_parser, _add_pretrain_parser, _add_eval_parser, _add_predict_parser, _add_export_parser,
+                _add_serve_parser, _add_report_parser, _add_compare_parser, _add_models_parser, _add_plot_parser,
+                _add_lab_parser, _add_data_parser):
         add(sub)
     return parser
 

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mnistlab.errors import UserError
 
@@ -62,8 +62,86 @@ def opt(default: Any, help: str, kind: str = "str", *, choices: tuple[str, ...] 
     return field(default=default, metadata=meta)
 
 
+C = TypeVar("C", bound="FieldConfig")
+
+
+class FieldConfig:
+    """What every run config shares: each field checked against its declaration (opt), JSON in and out.
+    A subclass is a dataclass of opt() fields; `problems` adds the checks that involve several fields."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def problems(self) -> list[str]:
+        """Checks across fields, beyond each field's own (none here)."""
+        return []
+
+    def validate(self) -> None:
+        """Refuse any value a field does not accept, naming the field and what it takes."""
+        problems = []
+        for f in fields(self):
+            value, m = getattr(self, f.name), f.metadata
+            if value is None and m["optional"]:
+                continue
+            check, accepts = KINDS[m["kind"]]
+            if m["choices"] is not None:
+                ok, accepts = value in m["choices"], "one of " + ", ".join(m["choices"])
+            else:
+                ok = check(value)
+            if not ok:
+                problems.append(f"{f.name} = {value!r} (expected {accepts})")
+        kwargs = getattr(self, "model_kwargs", None)
+        reserved = sorted(set(kwargs) & {"in_chans", "num_classes", "img_size"}) if isinstance(kwargs, dict) else []
+        if reserved:
+            problems.append(f"model_kwargs sets {', '.join(reserved)} (the dataset decides these)")
+        problems += self.problems()
+        if problems:
+            raise UserError("invalid config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, allow_nan=False)
+
+    def describe(self, width: int = 100) -> str:
+        """The config as readable lines of key=value (printed at the start of a run)."""
+        lines, line = [], "config:"
+        for key, value in asdict(self).items():
+            item = f" {key}={json.dumps(value)}"
+            if len(line) + len(item) > width:
+                lines.append(line)
+                line = "  "
+            line += item
+        return "\n".join([*lines, line])
+
+    @classmethod
+    def from_dict(cls: type[C], d: Any, source: str = "config") -> C:
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected a JSON object of config fields")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"{source} has unknown keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls: type[C], path: str | Path) -> C:
+        """Read a config.json; a missing, unreadable or invalid file is a one-line UserError."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable config ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(FieldConfig):
     # data
     dataset: str | None = opt("mnist", "mnist, fashion-mnist, kmnist or digits (default: mnist; with --data-dir: "
                               "what the folder's files are)", optional=True, group="data")
@@ -73,12 +151,22 @@ class TrainConfig:
                         "bool", group="data")
     val_size: int | None = opt(None, "validation images carved from train (default: 5000, a tenth for small sets)",
                                "positive_int", optional=True, group="data")
+    labels_per_class: int | None = opt(None, "train on a fixed, seeded (--seed) subset of K labelled images per class "
+                                       "of the training split, recorded in labelled_subset.json; an epoch shows each "
+                                       "of them ceil(validation images / (K x classes)) times. Validation and test "
+                                       "stay whole", "positive_int", optional=True, group="data")
     # model
     model: str = opt("cnn", "a name from `mnistlab models` (default: cnn)", group="model")
     model_kwargs: dict[str, Any] = opt({}, "model options (--model-arg KEY=VALUE, --seq)", "dict", flag=False,
                                        group="model")
     engine: str = opt("torch", "torch, or scratch: mnistlab's own numpy autograd engine (mlp and cnn)",
                       choices=("torch", "scratch"), group="model")
+    init: str | None = opt(None, "start from the encoder of a `mnistlab pretrain` run folder (--model and --model-arg "
+                           "must build the same architecture); the classification head starts fresh",
+                           optional=True, group="model")
+    freeze_encoder: bool = opt(False, "with --init: train only the classification head on the frozen pre-trained "
+                               "features (a linear probe); the encoder's weights stay exactly as pre-trained",
+                               "bool", group="model")
     # optimisation
     epochs: int = opt(5, "passes over the training set", "positive_int", group="optimisation")
     batch_size: int = opt(128, "images per step", "positive_int", group="optimisation")
@@ -125,77 +213,79 @@ class TrainConfig:
     recipe: str | None = opt(None, "a named, documented set of values for its model (see above)", optional=True,
                              group="optimisation")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Refuse any value a field does not accept, naming the field and what it takes."""
+    def problems(self) -> list[str]:
         problems = []
-        for f in fields(self):
-            value, m = getattr(self, f.name), f.metadata
-            if value is None and m["optional"]:
-                continue
-            check, accepts = KINDS[m["kind"]]
-            if m["choices"] is not None:
-                ok, accepts = value in m["choices"], "one of " + ", ".join(m["choices"])
-            else:
-                ok = check(value)
-            if not ok:
-                problems.append(f"{f.name} = {value!r} (expected {accepts})")
-        reserved = sorted(set(self.model_kwargs) & {"in_chans", "num_classes", "img_size"}) \
-            if isinstance(self.model_kwargs, dict) else []
-        if reserved:
-            problems.append(f"model_kwargs sets {', '.join(reserved)} (the dataset decides these)")
         if self.tensorboard is True and self.engine == "scratch":
             problems.append("tensorboard = True with engine = 'scratch' (the numpy engine writes no TensorBoard "
                             "logs; train with --engine torch)")
+        if self.engine == "scratch" and self.init is not None:
+            problems.append("init with engine = 'scratch' (a pre-trained encoder is a torch ViT; train with "
+                            "--engine torch)")
+        if self.freeze_encoder and self.init is None:
+            problems.append("freeze_encoder = True without init (nothing pre-trained to freeze: give --init "
+                            "PRETRAIN_RUN_DIR)")
         if self.recipe is not None and self.recipe not in RECIPES:
             problems.append(f"recipe = {self.recipe!r} (known recipes: {', '.join(RECIPES)})")
         elif self.recipe is not None and RECIPES[self.recipe]["model"] != self.model:
             problems.append(f"recipe = {self.recipe!r} is for model {RECIPES[self.recipe]['model']}, not {self.model}")
-        if problems:
-            raise UserError("invalid config: " + "; ".join(problems))
+        return problems
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, allow_nan=False)
+@dataclass
+class PretrainConfig(FieldConfig):
+    """A `mnistlab pretrain` run: masked patch modelling without labels (pretrain.py; its docstring has the
+    measurements behind the defaults)."""
 
-    def describe(self, width: int = 100) -> str:
-        """The config as readable lines of key=value (printed at the start of a run)."""
-        lines, line = [], "config:"
-        for key, value in asdict(self).items():
-            item = f" {key}={json.dumps(value)}"
-            if len(line) + len(item) > width:
-                lines.append(line)
-                line = "  "
-            line += item
-        return "\n".join([*lines, line])
-
-    @classmethod
-    def from_dict(cls, d: Any, source: str = "config") -> TrainConfig:
-        if not isinstance(d, dict):
-            raise UserError(f"{source}: expected a JSON object of config fields")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"{source} has unknown keys: {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except UserError as e:
-            raise UserError(f"{source}: {e}") from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        """Read a config.json; a missing, unreadable or invalid file is a one-line UserError."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable config ({e})") from None
-        return cls.from_dict(data, source=str(path))
+    # data
+    dataset: str | None = opt("mnist", "mnist, fashion-mnist, kmnist or digits (default: mnist): its training "
+                              "images, without labels", optional=True, group="data")
+    data_dir: str | None = opt(None, "a folder holding the four standard IDX files (gzipped or not)", optional=True,
+                               group="data")
+    offline: bool = opt(False, "never download; fail with the offline choices when the dataset is not on disk",
+                        "bool", group="data")
+    val_size: int | None = opt(None, "validation images carved from train, as in `train` (default: 5000): only the "
+                               "reconstruction loss curve and figures see them", "positive_int", optional=True,
+                               group="data")
+    # model
+    model: str = opt("vit", "the encoder: vit, the zoo's ViT (its options with --model-arg)", choices=("vit",),
+                     group="model")
+    model_kwargs: dict[str, Any] = opt({}, "encoder options (--model-arg KEY=VALUE)", "dict", flag=False,
+                                       group="model")
+    method: str = opt("mae", "mae: the encoder sees only the visible patches and a small decoder predicts the "
+                      "hidden ones; simmim: the encoder sees a mask token in their place and a linear layer "
+                      "predicts them", choices=("mae", "simmim"), group="model")
+    mask_ratio: float = opt(0.75, "fraction of the patches hidden in each image", "fraction", group="model")
+    target: str = opt("patch-norm", "what a hidden patch's prediction is compared with: its pixels normalised per "
+                      "patch (MAE's norm_pix_loss), or the pixels as they are", choices=("patch-norm", "pixels"),
+                      group="model")
+    decoder_dim: int = opt(64, "MAE decoder width", "positive_int", group="model")
+    decoder_depth: int = opt(1, "MAE decoder transformer blocks", "positive_int", group="model")
+    decoder_heads: int = opt(4, "MAE decoder attention heads (must divide --decoder-dim)", "positive_int",
+                             group="model")
+    # optimisation
+    epochs: int = opt(100, "passes over the training images", "positive_int", group="optimisation")
+    batch_size: int = opt(256, "images per step", "positive_int", group="optimisation")
+    lr: float = opt(1.5e-3, "peak learning rate", "positive_float", group="optimisation")
+    optimizer: str = opt("adamw", "adamw, or sgd (momentum 0.9, Nesterov)", choices=("adamw", "sgd"),
+                         group="optimisation")
+    schedule: str = opt("cosine", "learning-rate schedule after the linear warm-up",
+                        choices=("onecycle", "cosine", "constant"), group="optimisation")
+    warmup: float = opt(0.05, "fraction of all steps spent warming up", "fraction", group="optimisation")
+    weight_decay: float = opt(0.05, "decoupled (adamw) or L2 (sgd) weight decay; not on biases and norms",
+                              "nonneg_float", group="optimisation")
+    grad_clip: float | None = opt(1.0, "clip the global gradient norm to this value", "positive_float",
+                                  optional=True, group="optimisation")
+    hflip: str = opt("auto", "random left-right flips; auto: only for mirror-symmetric datasets (fashion-mnist)",
+                     choices=("off", "on", "auto"), group="optimisation")
+    # reproducibility and hardware
+    seed: int = opt(0, "seeds weights, order, flips and masks", "seed")
+    deterministic: bool = opt(False, "force deterministic kernels (GPU)", "bool")
+    device: str = opt("auto", "where to train: auto picks cuda, then mps, then cpu",
+                      choices=("auto", "cpu", "cuda", "mps"))
+    threads: int | None = opt(None, "CPU threads (default: one per core; more than the cores is capped)",
+                              "positive_int", optional=True)
+    eval_batch_size: int = opt(1000, "images per validation batch", "positive_int")
+    run_dir: str | None = opt(None, "the run folder (default: runs/<time>-<dataset>-<method>-vit)", optional=True)
 
 
 # Defaults that give a good result with no flags at all, per model (docs/experiments.md: how they were chosen).

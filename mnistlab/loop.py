@@ -1,5 +1,8 @@
-"""The epoch loop both engines run: batches in a seeded order, the learning-rate schedule, running
-sums, progress, per-epoch validation, metrics and checkpoints. An engine supplies only its step.
+"""The epoch loop every engine runs: batches in a seeded order, the learning-rate schedule, running
+sums, progress, per-epoch validation, metrics and checkpoints. An engine supplies only its step: the
+torch and numpy engines (train.py, scratch/) and masked-patch pre-training (pretrain.py), which has
+no labels and so no accuracy: its step and validation return None for it, and its metrics records
+carry losses only.
 
 Exact resume: every source of randomness is a pure function of (seed, epoch) or (seed, step): the
 epoch's permutation (data.batches.epoch_permutation) and the engine's RNG, reseeded from
@@ -16,13 +19,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mnistlab.config import TrainConfig
+from mnistlab.config import PretrainConfig, TrainConfig
 from mnistlab.data.batches import epoch_permutation
 from mnistlab.errors import UserError
 from mnistlab.run import RunFolder, StopFlag, epoch_summary, kill_point_for_tests, note, say
 
 if TYPE_CHECKING:
     from mnistlab.tensorboard import TensorBoardLog
+
+LoopConfig = TrainConfig | PretrainConfig  # the loop reads epochs, batch_size, lr, schedule, warmup, seed
 
 
 class TrainingDiverged(UserError):
@@ -31,7 +36,7 @@ class TrainingDiverged(UserError):
     exit_code = 1
 
 
-def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
+def get_lr(step: int, total_steps: int, cfg: LoopConfig) -> float:
     """Learning rate at `step`: linear warm-up, then the schedule's decay. A pure function."""
     warmup = max(1, round(cfg.warmup * total_steps))
     if step < warmup:
@@ -81,16 +86,17 @@ class Engine(Protocol):
     device: Any  # where the epoch permutation lives
 
     def train_step(self, idx: Any, step: int, lr: float) -> tuple[Any, Any]:
-        """Apply one step on the training images `idx`; return (mean loss, number correct), unsynchronised."""
+        """Apply one step on the training images `idx`; return (mean loss, number correct or None),
+        unsynchronised."""
 
-    def validate(self) -> tuple[float, float]:
-        """(loss, accuracy) on the validation split."""
+    def validate(self) -> tuple[float, float | None]:
+        """(loss, accuracy or None) on the validation split."""
 
     def save(self, state: TrainState) -> None:
         """Write the checkpoint for `state` (atomically)."""
 
 
-def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train: int, total_steps: int,
+def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train: int, total_steps: int,
                     stop: StopFlag, progress: bool, run_path: Any) -> None:
     """Run the steps left in the current epoch (all of them, or from a mid-epoch checkpoint)."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -106,7 +112,7 @@ def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train
                     f"the loss became {float(loss)} at step {step} (lr {lr:.3g}); nothing was saved from this "
                     f"epoch. Try a lower --lr or --grad-clip. The last checkpoint (if any) is intact in {run_path}")
             state.epoch_loss_sum += float(loss) * n
-            state.epoch_correct += int(correct)
+            state.epoch_correct += int(correct) if correct is not None else 0
             state.epoch_seen += n
         pending.clear()
 
@@ -129,8 +135,10 @@ def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train
             if i % 10 == 0:
                 flush()
                 rate = state.epoch_seen / max(seconds_before + time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{state.epoch_loss_sum / state.epoch_seen:.4f}",
-                                acc=f"{state.epoch_correct / state.epoch_seen:.2%}", img_s=f"{rate:,.0f}")
+                shown = dict(loss=f"{state.epoch_loss_sum / state.epoch_seen:.4f}")
+                if correct is not None:
+                    shown["acc"] = f"{state.epoch_correct / state.epoch_seen:.2%}"
+                bar.set_postfix(**shown, img_s=f"{rate:,.0f}")
         if stop.requested:
             break
     if bar is not None:
@@ -141,7 +149,7 @@ def train_one_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, n_train
     state.train_seconds += elapsed
 
 
-def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, epoch: int, lr: float,
+def end_of_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, run: RunFolder, epoch: int, lr: float,
                  tensorboard: TensorBoardLog | None = None) -> None:
     """Validate, append the epoch's metrics record (and its TensorBoard events), checkpoint, report; start the
     next epoch's sums."""
@@ -150,11 +158,14 @@ def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFo
         raise TrainingDiverged(f"the weights became non-finite in epoch {epoch} (validation loss {val_loss}); "
                                "nothing was saved from this epoch. Try a lower --lr or --grad-clip. "
                                f"The last checkpoint (if any) is intact in {run.path}")
-    state.best_val_accuracy = max(state.best_val_accuracy, val_accuracy)
     seen = max(state.epoch_seen, 1)
     record = dict(epoch=epoch, step=state.step, train_loss=state.epoch_loss_sum / seen,
                   train_accuracy=state.epoch_correct / seen, val_loss=val_loss, val_accuracy=val_accuracy, lr=lr,
                   seconds=state.epoch_seconds, images_per_second=state.epoch_seen / max(state.epoch_seconds, 1e-9))
+    if val_accuracy is None:  # an engine without labels (pre-training): losses only
+        del record["train_accuracy"], record["val_accuracy"]
+    else:
+        state.best_val_accuracy = max(state.best_val_accuracy, val_accuracy)
     run.append_metrics(record)
     if tensorboard is not None:  # before the checkpoint, as the metrics: a resume redoes (and purges) this epoch
         tensorboard.log_epoch(record)
@@ -164,7 +175,7 @@ def end_of_epoch(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFo
     say(epoch_summary(record, cfg.epochs))
 
 
-def fit(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, n_train: int,
+def fit(cfg: LoopConfig, engine: Engine, state: TrainState, run: RunFolder, n_train: int,
         progress: bool, tensorboard: TensorBoardLog | None = None) -> None:
     """Train from `state` to the last step: epochs of steps, each ended by validation and a checkpoint.
 
@@ -190,5 +201,5 @@ def fit(cfg: TrainConfig, engine: Engine, state: TrainState, run: RunFolder, n_t
 
 def _how_to_continue(engine: Engine, run: RunFolder) -> str:
     if getattr(engine, "resumable", True):
-        return f"Continue with: mnistlab train --resume {run.path}"
+        return f"Continue with: mnistlab {getattr(engine, 'command', 'train')} --resume {run.path}"
     return f"This engine does not resume; `mnistlab eval {run.path}` evaluates the saved weights."

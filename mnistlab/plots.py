@@ -134,3 +134,43 @@ def grad_flow_figure(records: list[dict], *, title: str = ""):
     if title:
         fig.suptitle(title)
     return fig
+
+
+def draw_image_rows(ax, rows: Sequence[tuple[str, np.ndarray]], vmin: float, vmax: float) -> None:
+    """Grey images in `ax`, one labelled row per (label, (B, H, W) array), as one mosaic with white gaps;
+    NaN pixels (hidden patches) are drawn blue."""
+    cmap = pyplot().get_cmap("gray").with_extremes(bad="#9ecae1", over="white")
+    h, w = rows[0][1].shape[1:]
+    gap, n_cols = 2, max(len(images) for _, images in rows)
+    mosaic = np.full((len(rows) * (h + gap), n_cols * (w + gap)), vmax + 1.0)  # gaps above vmax: white
+    for i, (_, images) in enumerate(rows):
+        for j, image in enumerate(images):
+            mosaic[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = image
+    ax.imshow(mosaic, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_yticks([i * (h + gap) + h / 2 for i in range(len(rows))], [label for label, _ in rows], fontsize=9)
+    ax.set_xticks([])
+
+
+def image_rows_figure(rows: Sequence[tuple[str, np.ndarray]], vmin: float, vmax: float, *, title: str = ""):
+    """A figure of draw_image_rows."""
+    n_cols = max(len(images) for _, images in rows)
+    fig, ax = pyplot().subplots(figsize=(n_cols * 0.9 + 1.2, len(rows) * 0.9 + 0.6))
+    draw_image_rows(ax, rows, vmin, vmax)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def reconstruction_loss_figure(records: list[dict], title: str = ""):
+    """Training and validation reconstruction loss per epoch, from a pre-training run's metrics records."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    epochs = [r["epoch"] for r in records]
+    ax.plot(epochs, [r["train_loss"] for r in records], marker=".", label="training (fresh masks each step)")
+    ax.plot(epochs, [r["val_loss"] for r in records], marker=".", label="validation (fixed masks)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE on the hidden patches")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "reconstruction loss", fontsize=10)
+    return fig

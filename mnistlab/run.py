@@ -167,10 +167,13 @@ def _lock(path: Path) -> int | None:
 
 
 def epoch_summary(record: dict[str, Any], epochs: int) -> str:
-    """The one line of a finished epoch, from its metrics.jsonl record (both engines)."""
-    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.2%}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}  "
-            f"{record['seconds']:.1f}s  {record['images_per_second']:,.0f} img/s")
+    """The one line of a finished epoch, from its metrics.jsonl record (every engine; pre-training has no
+    accuracy)."""
+    train_acc = f" acc {record['train_accuracy']:.2%}" if "train_accuracy" in record else ""
+    val_acc = f" acc {record['val_accuracy']:.2%}" if "val_accuracy" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}{train_acc}  "
+            f"val loss {record['val_loss']:.4f}{val_acc}  {record['seconds']:.1f}s  "
+            f"{record['images_per_second']:,.0f} img/s")
 
 
 def tune_allocator() -> None:

@@ -4,12 +4,15 @@
     mnistlab train --dataset digits                  # offline, seconds
     mnistlab train --recipe fast --dataset fashion-mnist
     mnistlab train --resume runs/<run>               # continue exactly where it stopped
+    mnistlab train --model vit --init runs/<pretrain run> --labels-per-class 100   # fine-tune on 1,000 labels
 
 Read top to bottom: `train` opens the run folder (run.py), `TorchEngine` builds data, model and optimizer,
 `fit` (loop.py, shared with the numpy engine) runs the epochs, calling this engine's `train_step`
 (`get_batch`, forward, loss, backward, clip, step), `validate` and `save` (with --tensorboard, also
 tensorboard.py's writer at each epoch's end); `final_eval` writes results.json. The training state is one
-object (loop.TrainState) that a checkpoint carries.
+object (loop.TrainState) that a checkpoint carries. --init starts the encoder from a pre-training run
+(`load_pretrained_encoder`), --freeze-encoder leaves only the head trainable, --labels-per-class trains
+on a seeded stratified subset (data/subset.py, which also says what an epoch is then).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from mnistlab.checkpoint import (
     NonFiniteCheckpoint,
     Read,
     load_into,
+    prefixed,
     read_checkpoint,
     require_meta,
     save_checkpoint,
 )
-from mnistlab.config import TrainConfig
+from mnistlab.config import PretrainConfig, TrainConfig
 from mnistlab.data.batches import augment_batch, random_erase, shifted_crops, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
+from mnistlab.data.subset import SUBSET_FILE, with_labelled_subset
 from mnistlab.errors import UserError
 from mnistlab.evaluate import evaluate
 from mnistlab.loop import TrainingDiverged, TrainState, fit, step_seed
@@ -73,10 +78,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters (a frozen encoder's are not the optimizer's)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # No weight decay on biases and norm parameters: decaying them only fights BatchNorm.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     # fused: one kernel updates every parameter instead of a handful of ops per tensor (it matters for the ViT,
     # whose step is many small ops). CPU and CUDA have fused kernels. Resume keeps the optimizer state in each
@@ -97,6 +104,9 @@ class TorchEngine:
         torch.manual_seed(cfg.seed)  # the initial weights
         model = create_model(cfg.model, in_chans=1, num_classes=ds.num_classes, **cfg.model_kwargs).to(device)
         self.model = model.to(memory_format=torch.channels_last)  # faster convs on CPU and GPU; no-op for 2-D
+        if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("head."))
         self.optimizer = make_optimizer(self.model, cfg)
         self.hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and ds.mirror_symmetric)
         self.tta = cfg.tta == "on" or (cfg.tta == "auto" and self.hflip)
@@ -180,6 +190,56 @@ class TorchEngine:
         meta, _ = load_into(self.run.file(CHECKPOINT), self.model, self.optimizer, read=read)
         return TrainState.from_meta(meta)
 
+    def start_from_init(self) -> dict[str, Any]:
+        """Step 0 of an --init run: the pre-trained encoder's weights; returns what env.json records of them."""
+        return load_pretrained_encoder(self.model, self.cfg, self.ds.name)
+
+
+def load_pretrained_encoder(model: torch.nn.Module, cfg: TrainConfig, dataset: str) -> dict[str, Any]:
+    """Copy the encoder of the pre-training run `cfg.init` into `model`, every weight but the head's.
+
+    Refused in one line: a folder that is not a pre-training run, another model, or the same model with options
+    that give other weights (patch, dim, depth, heads, mlp_ratio, pool); options that only change the
+    computation (dropout) may differ. Returns the provenance env.json keeps: where, which weights (the sha256
+    of the checkpoint's tensors), how they were pre-trained."""
+    ckpt = Path(cfg.init) / CHECKPOINT
+    if not ckpt.is_file():
+        raise UserError(f"--init {cfg.init}: no {CHECKPOINT} there (not a `mnistlab pretrain` run folder, or one "
+                        "that never finished an epoch)")
+    tensors, meta = read_checkpoint(ckpt)
+    if meta.get("kind") != "pretrain":
+        raise UserError(f"--init {cfg.init}: a training run, not a `mnistlab pretrain` run (--init takes the encoder "
+                        "of a pre-training run)")
+    theirs = f"{meta['model']} {json.dumps(meta['model_kwargs'], sort_keys=True)}"
+    ours = f"{cfg.model} {json.dumps(cfg.model_kwargs, sort_keys=True)}"
+    encoder = {k.removeprefix("encoder."): v for k, v in prefixed(tensors, "model").items() if k.startswith("encoder.")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    if meta["model"] != cfg.model:
+        problem = f"train --model {meta['model']}"
+    elif set(own) != set(encoder):
+        problem = f"{sorted(set(own) ^ set(encoder))[0]} is in one and not the other"
+    else:
+        problem = next((f"{k} is {tuple(encoder[k].shape)} there, {tuple(own[k].shape)} here" for k in own
+                        if own[k].shape != encoder[k].shape), None)
+    if problem is not None:
+        raise UserError(f"--init {cfg.init}: its encoder is {theirs}, this run builds {ours}; they do not match "
+                        f"({problem}): give the pre-training's --model and --model-arg values")
+    for k, v in own.items():
+        v.copy_(encoder[k])  # in place: the model's own memory layout (channels-last) stays
+    if meta.get("dataset") not in (None, dataset):
+        note(f"--init: the encoder was pre-trained on {meta['dataset']}; this run trains on {dataset}")
+    return dict(init=str(Path(cfg.init).resolve()), init_payload_sha256=meta["payload_sha256"],
+                init_step=meta["step"], init_method=meta.get("method"), init_dataset=meta.get("dataset"))
+
+
+def load_training_data(cfg: TrainConfig) -> tuple[Dataset, dict[str, Any] | None]:
+    """The run's dataset, its training split cut to the labelled subset with --labels-per-class (and the
+    subset's record for labelled_subset.json)."""
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
+    if cfg.labels_per_class is None:
+        return ds, None
+    return with_labelled_subset(ds, cfg.labels_per_class, cfg.seed)
+
 
 def is_out_of_memory(err: Exception) -> bool:
     """torch's OOM on CUDA, or the CPU allocator's message (a plain RuntimeError)."""
@@ -202,7 +262,8 @@ def final_eval(engine: TorchEngine, state: TrainState) -> dict[str, Any]:
     if not (math.isfinite(val.loss) and math.isfinite(test.loss)):
         raise TrainingDiverged(f"the weights became non-finite in the last epoch (test loss {test.loss}); "
                                f"results.json was not written")
-    return dict(dataset=ds.name, model=cfg.model, test_accuracy=test.accuracy, test_loss=test.loss,
+    return dict(dataset=ds.name, model=cfg.model, labels_per_class=cfg.labels_per_class, init=cfg.init,
+                freeze_encoder=cfg.freeze_encoder, test_accuracy=test.accuracy, test_loss=test.loss,
                 val_accuracy=val.accuracy, best_val_accuracy=state.best_val_accuracy, epochs=cfg.epochs,
                 steps=state.step, train_seconds=state.train_seconds, params=count_params(engine.model),
                 device=str(engine.device),
@@ -223,19 +284,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                     require_tensorboard()
                 saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
                 saved.threads = cfg.threads if cfg.threads is not None else saved.threads
-                _apply_process_settings(saved)
+                apply_process_settings(saved)
                 return _resume(run, saved, read, progress)
         if cfg.tensorboard:
             require_tensorboard()  # before the data and the run folder
-        _apply_process_settings(cfg)
+        apply_process_settings(cfg)
         device = pick_device(cfg.device)
-        ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
+        ds, subset = load_training_data(cfg)
         cfg.dataset = ds.name
+        if cfg.init is not None:
+            cfg.init = str(Path(cfg.init).resolve())  # config.json must name it from any working directory
         with RunFolder.create(cfg.run_dir, ds.name, cfg.model) as run:
             cfg.run_dir = str(run.path)
             engine = TorchEngine(cfg, ds, device, run)
+            init = engine.start_from_init() if cfg.init is not None else {}
             run.write_config(cfg.to_json())
-            run.write_json(ENV, environment(str(device), ds))
+            run.write_json(ENV, environment(str(device), ds, **init))
+            if subset is not None:
+                run.write_json(SUBSET_FILE, subset)
             run.start_metrics()
             note(f"run folder {run.path}\n{cfg.describe()}")
             return _fit_and_finish(engine, TrainState(), progress)
@@ -244,7 +310,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _apply_process_settings(cfg: TrainConfig) -> None:
+def apply_process_settings(cfg: TrainConfig | PretrainConfig) -> None:
+    """Thread count (capped at the cores) and deterministic kernels, process-wide, as `cfg` asks."""
     cfg.threads = cap_threads(cfg.threads)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -267,6 +334,9 @@ def resume_config(run: RunFolder) -> tuple[TrainConfig, Read | None]:
         return cfg, None
     read = read_checkpoint(ckpt)
     meta = read[1]
+    if meta.get("kind") == "pretrain":
+        raise UserError(f"--resume {run.path}: a pre-training run; continue it with `mnistlab pretrain --resume "
+                        f"{run.path}`")
     require_meta(meta, RUN_META, ckpt)
     if meta.get("engine") == "scratch":
         raise UserError(f"--resume {run.path}: a scratch-engine run cannot be resumed (the torch engine's can)")
@@ -300,15 +370,19 @@ def _resume(run: RunFolder, cfg: TrainConfig, read: Read | None,
     done = meta is not None and run.file(RESULTS).exists()
     if done and "total_steps" in meta and meta["step"] >= meta["total_steps"]:
         return _finished(run, cfg)  # before loading any data: a finished run needs nothing, not even the network
-    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
+    ds, subset = load_training_data(cfg)
     steps_per_epoch = math.ceil(len(ds.train_labels) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if done and meta["step"] >= total_steps:
         return _finished(run, cfg)
     if not run.file(CONFIG).exists():
         run.write_config(cfg.to_json())
+    if subset is not None and not run.file(SUBSET_FILE).exists():
+        run.write_json(SUBSET_FILE, subset)
     engine = TorchEngine(cfg, ds, pick_device(cfg.device), run)
     if read is None:  # killed before its first checkpoint: step 0 is exact
+        if cfg.init is not None:
+            engine.start_from_init()
         state = TrainState()
         run.start_metrics()
         note(f"{run.path} stopped before its first checkpoint; starting it again from step 0")
@@ -335,6 +409,14 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
         gradflow.keep_before(run.path, state.step)  # drop records a resume will redo
     note(f"{ds.summary()}\nmodel {cfg.model}: {count_params(engine.model):,} parameters on {engine.device}, "
          f"{torch.get_num_threads()} threads; {cfg.epochs} epochs of {steps_per_epoch} steps")
+    if cfg.labels_per_class is not None:
+        n = cfg.labels_per_class * ds.num_classes
+        note(f"--labels-per-class {cfg.labels_per_class}: {n:,} labelled training images (seed {cfg.seed}), each "
+             f"shown {len(ds.train_labels) // n} times an epoch; indices in {run.file(SUBSET_FILE)}")
+    if cfg.init is not None:
+        trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
+        note(f"--init {cfg.init}: the pre-trained encoder" + (f", frozen: {trainable:,} trainable parameters (the "
+                                                              "head)" if cfg.freeze_encoder else ""))
     if cfg.tensorboard:
         # a resume hides the events after its checkpoint's step: those of the steps it redoes
         engine.tensorboard = TensorBoardLog(run.path, engine.model, ds.val_images, ds.val_labels, ds.classes,
@@ -359,6 +441,9 @@ def load_run_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]
     if not ckpt.is_file():
         raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
     read = read_checkpoint(ckpt)
+    if read[1].get("kind") == "pretrain":
+        raise UserError(f"{run_dir}: a pre-training run (an encoder, no classifier); fine-tune it with "
+                        f"`mnistlab train --model {read[1].get('model')} --init {run_dir}`")
     require_meta(read[1], RUN_META, ckpt)
     if read[1].get("engine") == "scratch":
         from mnistlab.scratch.train import load_model as load_scratch

@@ -1,0 +1,283 @@
+"""Pre-training without labels: masked patch modelling (models/mae.py) on the run machinery of `train`.
+
+    mnistlab pretrain --dataset fashion-mnist                  # MAE, 75% of the patches hidden
+    mnistlab pretrain --dataset digits --epochs 3 --batch-size 64   # offline, seconds
+    mnistlab pretrain --resume runs/<run>                      # continue exactly where it stopped
+    mnistlab train --model vit --init runs/<run> --labels-per-class 100        # then fine-tune it
+    mnistlab train --model vit --init runs/<run> --freeze-encoder --lr 0.01    # or probe it linearly
+
+What it reads: the training split's images, and the validation split's images for the
+reconstruction loss curve and figures. Never a label, never the test split: the dataset is cut down
+to `UnlabelledImages` as soon as it is loaded, and a test runs pre-training on a dataset whose
+labels and test split raise when touched. Validation images never reach the weights either (a test
+changes them and gets the same checkpoint).
+
+The run folder is train's (run.py): config.json (a PretrainConfig), env.json, metrics.jsonl (one
+record per epoch: the training and validation reconstruction losses, seconds, images/s),
+checkpoint.safetensors (the encoder under model/encoder.*, the decoder, the optimizer, the loop's
+TrainState: resume after a SIGKILL is bit-identical), results.json at the end, plus
+reconstructions/epoch_NNN.png (original, masked, reconstructed validation images, the same images
+and masks every epoch) and reconstruction_loss.png. The epochs run in loop.fit, the same loop as
+`train`: this module supplies the engine (its step, its validation, its checkpoint).
+
+MAE or SimMIM (models/mae.py has both): `python bench/mae_vs_simmim.py` pre-trains the same encoder
+both ways for the same time and scores a linear probe of each on validation. Its numbers, and the
+default they chose, go here once measured on the reference machine; MAE is the default meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mnistlab.checkpoint import (
+    CHECKPOINT,
+    NonFiniteCheckpoint,
+    Read,
+    load_into,
+    read_checkpoint,
+    require_meta,
+    save_checkpoint,
+)
+from mnistlab.config import PretrainConfig
+from mnistlab.data.batches import augment_batch, to_input
+from mnistlab.data.dataset import Dataset, load_dataset
+from mnistlab.errors import UserError
+from mnistlab.loop import TrainingDiverged, TrainState, fit, step_seed
+from mnistlab.models import create_model
+from mnistlab.models.flops import count_params
+from mnistlab.models.mae import MaskedImageModel, create_masked_model, hide, random_mask
+from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, say, tune_allocator
+from mnistlab.train import apply_process_settings, is_out_of_memory, make_optimizer, out_of_memory, pick_device
+
+KIND = "pretrain"  # the checkpoint's `kind`: what `train --init` accepts, and what `train --resume` refuses
+VAL_MASK_SEED = 2021  # one fixed mask per validation image, the same every epoch and every run
+FIGURE_IMAGES = 8  # validation images in each reconstruction figure
+PRETRAIN_META = ("kind", "model", "model_kwargs", "in_chans", "method", "config", "mean", "std", "step")
+
+
+@dataclass(frozen=True)
+class UnlabelledImages:
+    """All pre-training may see of a dataset: training and validation images, pixel statistics, provenance."""
+
+    name: str
+    train: torch.Tensor  # (N, H, W) uint8
+    val: torch.Tensor  # (M, H, W) uint8: the reconstruction loss curve only
+    mean: float
+    std: float
+    mirror_symmetric: bool
+    source: str
+    location: str
+    file_sha256: dict[str, str]
+
+    @classmethod
+    def of(cls, ds: Dataset) -> UnlabelledImages:
+        """The label-free part of `ds` (nothing else of it is read)."""
+        return cls(ds.name, ds.train_images, ds.val_images, ds.mean, ds.std, ds.mirror_symmetric, ds.source,
+                   ds.location, ds.file_sha256)
+
+    def summary(self) -> str:
+        return (f"{self.name}: {len(self.train):,} training images (no labels), {len(self.val):,} validation images "
+                f"for the loss curve; mean {self.mean:.4f} std {self.std:.4f}; from {self.source} ({self.location})")
+
+
+def load_images(cfg: PretrainConfig) -> UnlabelledImages:
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
+    return UnlabelledImages.of(ds)
+
+
+class PretrainEngine:
+    """One pre-training run's torch objects and its step; loop.fit drives it as it drives TorchEngine."""
+
+    command = "pretrain"  # how the loop tells the user to continue an interrupted run
+
+    def __init__(self, cfg: PretrainConfig, images: UnlabelledImages, device: torch.device, run: RunFolder) -> None:
+        self.cfg, self.images, self.device, self.run = cfg, images, device, run
+        self.train_x, self.val_x = images.train.to(device), images.val.to(device)
+        torch.manual_seed(cfg.seed)  # the initial weights
+        encoder = create_model(cfg.model, in_chans=1, num_classes=1, **cfg.model_kwargs)
+        self.model: MaskedImageModel = create_masked_model(
+            cfg.method, encoder, norm_pix_loss=cfg.target == "patch-norm", decoder_dim=cfg.decoder_dim,
+            decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads).to(device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and images.mirror_symmetric)
+        self.background = (0.0 - images.mean) / images.std  # a black pixel, normalised
+        self.steps_per_epoch = math.ceil(len(images.train) / cfg.batch_size)
+        gen = torch.Generator().manual_seed(VAL_MASK_SEED)
+        self.val_mask = random_mask(len(images.val), self.model.n_patches, cfg.mask_ratio, generator=gen).to(device)
+        self.model.train()
+
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint header besides the training state: enough to rebuild the encoder alone (train --init)."""
+        cfg = self.cfg
+        return dict(kind=KIND, model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, method=cfg.method,
+                    mask_ratio=cfg.mask_ratio, target=cfg.target, dataset=self.images.name, mean=self.images.mean,
+                    std=self.images.std, config=cfg.to_dict(), total_steps=self.steps_per_epoch * cfg.epochs)
+
+    def train_step(self, idx: torch.Tensor, step: int, lr: float) -> tuple[torch.Tensor, None]:
+        """One optimizer step on the training images `idx`; returns (loss, None): there is no accuracy."""
+        torch.manual_seed(step_seed(self.cfg.seed, step))  # this step's flips and masks
+        try:
+            x = to_input(self.train_x[idx], self.images.mean, self.images.std)  # (B, 1, H, W)
+            x = augment_batch(x, "none", self.background, hflip=self.hflip)
+            mask = random_mask(len(idx), self.model.n_patches, self.cfg.mask_ratio, self.device)  # (B, N)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, _ = self.model.loss(x, mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
+            self.optimizer.step()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise out_of_memory(len(idx), "--batch-size", self.device, e) from None
+        return loss.detach(), None
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, None]:
+        """(reconstruction loss on the validation images with their fixed masks, None)."""
+        self.model.eval()
+        total, bs = 0.0, self.cfg.eval_batch_size
+        for i in range(0, len(self.val_x), bs):
+            x = to_input(self.val_x[i : i + bs], self.images.mean, self.images.std)
+            loss, _ = self.model.loss(x, self.val_mask[i : i + bs])
+            total += float(loss) * len(x)  # every image hides the same number of patches: a plain mean
+        self.model.train()
+        return total / max(len(self.val_x), 1), None
+
+    def save(self, state: TrainState) -> None:
+        """The checkpoint; at an epoch's end, that epoch's reconstruction figure first (so a checkpoint's epoch
+        always has its figure)."""
+        if state.step % self.steps_per_epoch == 0:
+            self.draw_reconstructions(state.step // self.steps_per_epoch)
+        try:
+            save_checkpoint(self.run.file(CHECKPOINT), self.model, dict(self.meta(), **state.to_meta()),
+                            self.optimizer)
+        except NonFiniteCheckpoint as e:
+            raise TrainingDiverged(f"the weights became non-finite by step {state.step} ({e}); the last "
+                                   f"checkpoint (if any) is intact in {self.run.path}") from None
+
+    def restore(self, read: Read) -> TrainState:
+        meta, _ = load_into(self.run.file(CHECKPOINT), self.model, self.optimizer, read=read)
+        return TrainState.from_meta(meta)
+
+    def draw_reconstructions(self, epoch: int) -> None:
+        """reconstructions/epoch_NNN.png: the first validation images, their fixed masks, the model's filling-in."""
+        from mnistlab.plots import image_rows_figure, save_figure
+
+        self.model.eval()
+        x = to_input(self.val_x[:FIGURE_IMAGES], self.images.mean, self.images.std)  # (B, 1, H, W)
+        mask = self.val_mask[:FIGURE_IMAGES]
+        rows = [("original", x), ("masked", hide(x, mask, self.model.patch)),
+                ("reconstructed", self.model.reconstruct(x, mask))]
+        self.model.train()
+        white = (1.0 - self.images.mean) / self.images.std
+        fig = image_rows_figure([(label, t[:, 0].cpu().numpy()) for label, t in rows], self.background, white,
+                                title=f"{self.cfg.method.upper()} on {self.images.name}, epoch {epoch}: "
+                                      f"{self.cfg.mask_ratio:.0%} of the patches hidden (validation images)")
+        save_figure(fig, self.run.path / "reconstructions" / f"epoch_{epoch:03d}.png")
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """Run the pre-training `cfg` describes, or resume the one in cfg.run_dir; return results.json's contents."""
+    tune_allocator()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if resume:
+            with RunFolder.open(cfg.run_dir) as run:
+                saved, read = resume_config(run)
+                saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
+                saved.threads = cfg.threads if cfg.threads is not None else saved.threads
+                apply_process_settings(saved)
+                return _resume(run, saved, read, progress)
+        apply_process_settings(cfg)
+        device = pick_device(cfg.device)
+        images = load_images(cfg)
+        cfg.dataset = images.name
+        with RunFolder.create(cfg.run_dir, images.name, f"{cfg.method}-{cfg.model}") as run:
+            cfg.run_dir = str(run.path)
+            engine = PretrainEngine(cfg, images, device, run)
+            run.write_config(cfg.to_json())
+            run.write_json(ENV, environment(str(device), images))
+            run.start_metrics()
+            note(f"run folder {run.path}\n{cfg.describe()}")
+            return _fit_and_finish(engine, TrainState(), progress)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def resume_config(run: RunFolder) -> tuple[PretrainConfig, Read | None]:
+    """The run's config as its checkpoint records it; (config.json's, None) before the first checkpoint."""
+    ckpt = run.file(CHECKPOINT)
+    if not ckpt.is_file():
+        if not run.file(CONFIG).is_file():
+            raise UserError(f"--resume {run.path}: no checkpoint and no config.json there (not a run folder?)")
+        return PretrainConfig.load(run.file(CONFIG)), None
+    read = read_checkpoint(ckpt)
+    meta = read[1]
+    if meta.get("kind") != KIND:
+        raise UserError(f"--resume {run.path}: a training run, not a pre-training run; continue it with "
+                        f"`mnistlab train --resume {run.path}`")
+    require_meta(meta, PRETRAIN_META, ckpt)
+    saved = PretrainConfig.from_dict(meta["config"], source=f"{ckpt} (its config)")
+    if run.file(CONFIG).exists():
+        on_disk = PretrainConfig.load(run.file(CONFIG)).to_dict()
+        ignore = {"run_dir", "device", "threads"}  # where it runs, not what it computes
+        differ = [k for k, v in saved.to_dict().items() if k not in ignore and on_disk[k] != v]
+        if differ:
+            raise UserError(f"--resume {run.path}: config.json says {differ[0]}={on_disk[differ[0]]!r} but the "
+                            f"checkpoint was trained with {differ[0]}={saved.to_dict()[differ[0]]!r}; resume "
+                            "continues the run as it was: restore config.json, or start a new run")
+    return saved, read
+
+
+def _resume(run: RunFolder, cfg: PretrainConfig, read: Read | None, progress: bool | None) -> dict[str, Any]:
+    meta = read[1] if read is not None else None
+    if meta is not None and run.file(RESULTS).exists() and meta["step"] >= meta["total_steps"]:
+        say(f"{run.path} finished all {cfg.epochs} epochs; nothing to resume (results in {run.file(RESULTS)})")
+        return json.loads(run.file(RESULTS).read_text())
+    engine = PretrainEngine(cfg, load_images(cfg), pick_device(cfg.device), run)
+    if read is None:
+        state = TrainState()
+        run.start_metrics()
+        note(f"{run.path} stopped before its first checkpoint; starting it again from step 0")
+    else:
+        state = engine.restore(read)
+        run.keep_metrics(state.step // engine.steps_per_epoch)
+        note(f"resuming {run.path} at step {state.step}/{engine.steps_per_epoch * cfg.epochs}")
+    return _fit_and_finish(engine, state, progress)
+
+
+def _fit_and_finish(engine: PretrainEngine, state: TrainState, progress: bool | None) -> dict[str, Any]:
+    cfg, images, run = engine.cfg, engine.images, engine.run
+    if engine.hflip != (cfg.hflip == "on"):
+        note(f"--hflip auto: random left-right flips {'on' if engine.hflip else 'off'} for {images.name}")
+    encoder_params = count_params(engine.model.encoder)
+    note(f"{images.summary()}\n{cfg.method} around {cfg.model} {cfg.model_kwargs}: {encoder_params:,} encoder "
+         f"parameters, {count_params(engine.model) - encoder_params:,} in the decoder, on {engine.device}, "
+         f"{torch.get_num_threads()} threads; {cfg.epochs} epochs of {engine.steps_per_epoch} steps")
+    fit(cfg, engine, state, run, len(images.train), sys.stderr.isatty() if progress is None else progress)
+    records = run.read_metrics()
+    results = dict(kind=KIND, dataset=images.name, model=cfg.model, model_kwargs=cfg.model_kwargs, method=cfg.method,
+                   mask_ratio=cfg.mask_ratio, val_loss=records[-1]["val_loss"], first_val_loss=records[0]["val_loss"],
+                   epochs=cfg.epochs, steps=state.step, train_seconds=state.train_seconds,
+                   images_per_second=len(images.train) * cfg.epochs / max(state.train_seconds, 1e-9),
+                   encoder_params=encoder_params, decoder_params=count_params(engine.model) - encoder_params,
+                   device=str(engine.device))
+    from mnistlab.plots import reconstruction_loss_figure, save_figure
+
+    save_figure(reconstruction_loss_figure(records, f"{cfg.method.upper()} on {images.name}"),
+                run.path / "reconstruction_loss.png")
+    run.write_json(RESULTS, results)
+    say(f"validation reconstruction loss {results['val_loss']:.4f} (epoch 1: {results['first_val_loss']:.4f}), "
+        f"{results['train_seconds'] / 60:.1f} min at {results['images_per_second']:,.0f} images/s; fine-tune with "
+        f"`mnistlab train --model {cfg.model} --init {run.path}`")
+    return results
