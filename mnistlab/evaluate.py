@@ -88,3 +88,28 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 def per_class_accuracy(confusion: torch.Tensor) -> torch.Tensor:
     """(K,) recall of each class: the diagonal over the row sums."""
     return confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+                 val_labels: torch.Tensor, weight_decay: float = 1e-3, iterations: int = 100) -> float:
+    """Validation accuracy of a linear classifier (multinomial logistic regression) fitted on frozen features:
+    the usual measure of what a self-supervised encoder has learned (He et al. 2021, section 4).
+
+    Features are standardised with the training features' statistics; the fit is full-batch L-BFGS from
+    zeros, so the answer is a function of its inputs alone (no seed)."""
+    mu, sd = train_features.mean(0), train_features.std(0) + 1e-6
+    x_train, x_val = (train_features - mu) / sd, (val_features - mu) / sd  # (N, D), (M, D)
+    k = int(max(train_labels.max(), val_labels.max())) + 1
+    w = torch.zeros(x_train.shape[1], k, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x_train @ w + b, train_labels) + weight_decay * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((x_val @ w + b).argmax(1) == val_labels).float().mean().item()

@@ -13,6 +13,7 @@ from mnistlab.labs import LABS, Check, load_lab
 SLOW_LABS = {
     "activations": "trains six MLPs",
     "attention": "softmax over 64 x 256 x 256 scores of head size 512: seconds on 2 cores",
+    "masking": "pre-trains a small MAE for 400 steps: about 10 s on 2 cores",
 }
 
 

@@ -17,6 +17,7 @@ LABS = {
     "activations": "mnistlab.labs.activations",
     "fft": "mnistlab.labs.fft",
     "attention": "mnistlab.labs.attention",
+    "masking": "mnistlab.labs.masking",
     "phase": "mnistlab.labs.phase",
 }
 
