@@ -221,6 +221,9 @@ class TrainConfig(FieldConfig):
         if self.engine == "scratch" and self.init is not None:
             problems.append("init with engine = 'scratch' (a pre-trained encoder is a torch ViT; train with "
                             "--engine torch)")
+        if self.engine == "scratch" and self.labels_per_class is not None:
+            problems.append("labels_per_class with engine = 'scratch' (the numpy engine trains on the whole split; "
+                            "train with --engine torch)")
         if self.freeze_encoder and self.init is None:
             problems.append("freeze_encoder = True without init (nothing pre-trained to freeze: give --init "
                             "PRETRAIN_RUN_DIR)")

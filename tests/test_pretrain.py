@@ -198,3 +198,13 @@ def test_fine_tuned_run_is_reproduced_from_its_folder(pretrained, tmp_path):
     with safe_open(str(pretrained / "checkpoint.safetensors"), "pt") as f:  # which weights it started from
         recorded = json.loads(f.metadata()["mnistlab"])["payload_sha256"]
     assert json.loads((first / "env.json").read_text())["init_payload_sha256"] == recorded
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--freeze-encoder"], "freeze_encoder = True without init"),
+    (["--engine", "scratch", "--model", "mlp", "--init", "somewhere"], "init with engine = 'scratch'"),
+    (["--engine", "scratch", "--model", "mlp", "--labels-per-class", "5"], "labels_per_class with engine = 'scratch'"),
+])
+def test_flags_without_what_they_need_are_refused_before_any_data(flags, says, capsys):
+    assert main(["train", "--dataset", "kmnist", "--offline", *flags]) == 2
+    assert says in capsys.readouterr().err
