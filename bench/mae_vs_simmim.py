@@ -2,9 +2,11 @@
 
     python bench/mae_vs_simmim.py                                  # Fashion-MNIST, 120 s each, 1 thread
     python bench/mae_vs_simmim.py --budget 600 --threads 2         # closer to a real pre-training
+    python bench/mae_vs_simmim.py --variants "--method mae" "--method mae --target pixels"   # other choices
 
-For each method: a few steps measure its images/s, the epochs that fit the budget follow, and
-`mnistlab pretrain --method M --epochs E` runs in its own process. Then the frozen encoder's features
+For each variant (a set of `mnistlab pretrain` flags; by default MAE and SimMIM): a few steps measure
+its images/s, the epochs that fit the budget follow, and `mnistlab pretrain FLAGS --epochs E` runs in
+its own process. Then the frozen encoder's features
 (the mean of its patch tokens, what fine-tuning uses) of K labelled training images per class feed a
 linear classifier (evaluate.linear_probe), scored on the validation split, for three labelled subsets.
 The randomly initialised encoder is the baseline. Nothing here reads the test split.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -21,20 +24,35 @@ import time
 from pathlib import Path
 
 
-def images_per_second(method: str, batch: int, threads: int, steps: int = 8) -> float:
+def variant_config(flags: list[str]):
+    """The PretrainConfig that `mnistlab pretrain FLAGS` would run."""
+    from dataclasses import fields
+
+    from mnistlab.cli import build_parser
+    from mnistlab.config import PretrainConfig
+
+    args = build_parser().parse_args(["pretrain", *flags])
+    given = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if getattr(args, f.name, None) is not None}
+    return PretrainConfig.from_dict(dict(given, model_kwargs=dict(args.model_arg or [])))
+
+
+def images_per_second(flags: list[str], threads: int, steps: int = 8) -> float:
     import torch
 
     from mnistlab.models import create_model
     from mnistlab.models.mae import create_masked_model, random_mask
 
+    cfg = variant_config(flags)
     torch.set_num_threads(threads)
-    model = create_masked_model(method, create_model("vit", num_classes=1))
+    model = create_masked_model(cfg.method, create_model("vit", num_classes=1, **cfg.model_kwargs),
+                                cfg.target == "patch-norm", cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = cfg.batch_size
     x = torch.randn(batch, 1, 28, 28)
     for i in range(steps + 2):
         if i == 2:
             t0 = time.perf_counter()
-        loss, _ = model.loss(x, random_mask(batch, model.n_patches, 0.75))
+        loss, _ = model.loss(x, random_mask(batch, model.n_patches, cfg.mask_ratio))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -52,10 +70,11 @@ def probe_accuracies(run: Path | None, ds, ks: list[int], seeds: list[int]) -> d
     from mnistlab.models import create_model
     from mnistlab.train import load_pretrained_encoder
 
+    kwargs = json.loads((run / "config.json").read_text())["model_kwargs"] if run is not None else {}
     torch.manual_seed(0)
-    model = create_model("vit", num_classes=ds.num_classes)
+    model = create_model("vit", num_classes=ds.num_classes, **kwargs)
     if run is not None:
-        load_pretrained_encoder(model, TrainConfig(model="vit", init=str(run)), ds.name)
+        load_pretrained_encoder(model, TrainConfig(model="vit", model_kwargs=kwargs, init=str(run)), ds.name)
     model.eval()
 
     def features(images: torch.Tensor) -> torch.Tensor:
@@ -80,6 +99,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     ap.add_argument("--ks", nargs="+", type=int, default=[10, 100], help="labels per class (default: 10 100)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="labelled subsets (default: 0 1 2)")
+    ap.add_argument("--variants", nargs="+", default=["--method mae", "--method simmim"], metavar="FLAGS",
+                    help='`mnistlab pretrain` flags of each variant (default: "--method mae" "--method simmim")')
     ap.add_argument("-o", "--output", default="runs/mae_vs_simmim", help="run folders (default: runs/mae_vs_simmim)")
     args = ap.parse_args()
     import torch
@@ -89,17 +110,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset)
     rows = [("random init", None, probe_accuracies(None, ds, args.ks, args.seeds))]
-    for method in ("mae", "simmim"):
-        run = Path(args.output) / method
+    for variant in args.variants:
+        flags = shlex.split(variant)
+        run = Path(args.output) / "_".join(f.lstrip("-").replace("=", "-") for f in flags)
         if not (run / "results.json").is_file():
-            rate = images_per_second(method, 256, args.threads)
+            rate = images_per_second(flags, args.threads)
             epochs = max(1, round(0.9 * args.budget * rate / len(ds.train_images)))
-            cmd = [sys.executable, "-m", "mnistlab", "pretrain", "--dataset", args.dataset, "--method", method,
+            cmd = [sys.executable, "-m", "mnistlab", "pretrain", "--dataset", args.dataset, *flags,
                    "--epochs", str(epochs), "--threads", str(args.threads), "--run-dir", str(run)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        rows.append((method, run, probe_accuracies(run, ds, args.ks, args.seeds)))
+        rows.append((variant, run, probe_accuracies(run, ds, args.ks, args.seeds)))
 
     print("| encoder | pre-training | images/s | val reconstruction loss | "
           + " | ".join(f"probe, {k} labels/class (val)" for k in args.ks) + " |")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -66,14 +67,20 @@ def pretrain(args: argparse.Namespace, out: Path) -> Path:
         return Path(args.pretrain_run)
     run = out / "pretrain"
     if finished(run) is None:
+        threads = ["--threads", str(args.threads)] if args.threads else []
         flags = ["--resume", str(run)] if run.exists() else [
             "--dataset", args.dataset, "--epochs", str(args.pretrain_epochs), "--run-dir", str(run),
-            *(["--threads", str(args.threads)] if args.threads else [])]
+            *vit_args(args), *shlex.split(args.pretrain_flags), *threads]
         print(f"pre-training: mnistlab pretrain {' '.join(flags)}", file=sys.stderr, flush=True)
         proc = mnistlab("pretrain", *flags)
         if proc.returncode != 0:
             raise SystemExit(f"pre-training failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return run
+
+
+def vit_args(args: argparse.Namespace) -> list[str]:
+    """--model-arg flags for the encoder: pre-training and every ViT contender build the same architecture."""
+    return [f for kv in args.vit_arg for f in ("--model-arg", kv)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -90,6 +97,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs, every contender (default: 20)")
     ap.add_argument("--pretrain-run", metavar="DIR", help="a finished `mnistlab pretrain` run to use")
     ap.add_argument("--pretrain-epochs", type=int, default=100, help="epochs of pre-training (default: 100)")
+    ap.add_argument("--pretrain-flags", default="", help='more `mnistlab pretrain` flags, e.g. "--mask-ratio 0.6"')
+    ap.add_argument("--vit-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="a ViT option for the pre-training and every ViT contender alike (repeatable)")
     ap.add_argument("--one-lr", action="store_true",
                     help="only the first learning rate of each contender's grid (a smoke run: nothing is chosen)")
     ap.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS), metavar="NAME",
@@ -107,7 +117,7 @@ def main() -> None:
         for name in args.contenders:
             flags, lrs = CONTENDERS[name]
             lrs = lrs[:1] if args.one_lr else lrs
-            flags = [f.format(pre=pre) for f in flags]
+            flags = [f.format(pre=pre) for f in flags] + (vit_args(args) if "vit" in flags else [])
             for lr in lrs:
                 for seed in args.seeds:
                     tag = f"k{k}-{name.lower().replace(' ', '-')}-lr{lr:g}-s{seed}"
