@@ -28,6 +28,7 @@ FORMAT_VERSION = 2  # 2: payload_sha256 in the header
 MODEL_META = ("model", "model_kwargs", "in_chans", "num_classes")  # what rebuilding the model needs
 Read = tuple[dict[str, torch.Tensor], dict[str, Any]]  # what read_checkpoint returns: (tensors, meta)
 RUN_META = (*MODEL_META, "classes", "mean", "std", "config", "step")  # what evaluating or resuming a run needs
+PRETRAIN_KIND = "pretrain"  # meta["kind"] of a `mnistlab pretrain` checkpoint: an encoder, no classifier
 
 
 class NonFiniteCheckpoint(UserError):

@@ -37,6 +37,7 @@ import torch
 
 from mnistlab.checkpoint import (
     CHECKPOINT,
+    PRETRAIN_KIND,
     NonFiniteCheckpoint,
     Read,
     load_into,
@@ -55,7 +56,6 @@ from mnistlab.models.mae import MaskedImageModel, create_masked_model, hide, ran
 from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, say, tune_allocator
 from mnistlab.train import apply_process_settings, is_out_of_memory, make_optimizer, out_of_memory, pick_device
 
-KIND = "pretrain"  # the checkpoint's `kind`: what `train --init` accepts, and what `train --resume` refuses
 VAL_MASK_SEED = 2021  # one fixed mask per validation image, the same every epoch and every run
 FIGURE_IMAGES = 8  # validation images in each reconstruction figure
 PRETRAIN_META = ("kind", "model", "model_kwargs", "in_chans", "method", "config", "mean", "std", "step")
@@ -115,7 +115,7 @@ class PretrainEngine:
     def meta(self) -> dict[str, Any]:
         """The checkpoint header besides the training state: enough to rebuild the encoder alone (train --init)."""
         cfg = self.cfg
-        return dict(kind=KIND, model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, method=cfg.method,
+        return dict(kind=PRETRAIN_KIND, model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, method=cfg.method,
                     mask_ratio=cfg.mask_ratio, target=cfg.target, dataset=self.images.name, mean=self.images.mean,
                     std=self.images.std, config=cfg.to_dict(), total_steps=self.steps_per_epoch * cfg.epochs)
 
@@ -223,7 +223,7 @@ def resume_config(run: RunFolder) -> tuple[PretrainConfig, Read | None]:
         return PretrainConfig.load(run.file(CONFIG)), None
     read = read_checkpoint(ckpt)
     meta = read[1]
-    if meta.get("kind") != KIND:
+    if meta.get("kind") != PRETRAIN_KIND:
         raise UserError(f"--resume {run.path}: a training run, not a pre-training run; continue it with "
                         f"`mnistlab train --resume {run.path}`")
     require_meta(meta, PRETRAIN_META, ckpt)
@@ -266,8 +266,9 @@ def _fit_and_finish(engine: PretrainEngine, state: TrainState, progress: bool | 
          f"{torch.get_num_threads()} threads; {cfg.epochs} epochs of {engine.steps_per_epoch} steps")
     fit(cfg, engine, state, run, len(images.train), sys.stderr.isatty() if progress is None else progress)
     records = run.read_metrics()
-    results = dict(kind=KIND, dataset=images.name, model=cfg.model, model_kwargs=cfg.model_kwargs, method=cfg.method,
-                   mask_ratio=cfg.mask_ratio, val_loss=records[-1]["val_loss"], first_val_loss=records[0]["val_loss"],
+    results = dict(kind=PRETRAIN_KIND, dataset=images.name, model=cfg.model, model_kwargs=cfg.model_kwargs,
+                   method=cfg.method, mask_ratio=cfg.mask_ratio, val_loss=records[-1]["val_loss"],
+                   first_val_loss=records[0]["val_loss"],
                    epochs=cfg.epochs, steps=state.step, train_seconds=state.train_seconds,
                    images_per_second=len(images.train) * cfg.epochs / max(state.train_seconds, 1e-9),
                    encoder_params=encoder_params, decoder_params=count_params(engine.model) - encoder_params,

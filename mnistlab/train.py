@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from mnistlab import gradflow
 from mnistlab.checkpoint import (
     CHECKPOINT,
+    PRETRAIN_KIND,
     RUN_META,
     NonFiniteCheckpoint,
     Read,
@@ -207,7 +208,7 @@ def load_pretrained_encoder(model: torch.nn.Module, cfg: TrainConfig, dataset: s
         raise UserError(f"--init {cfg.init}: no {CHECKPOINT} there (not a `mnistlab pretrain` run folder, or one "
                         "that never finished an epoch)")
     tensors, meta = read_checkpoint(ckpt)
-    if meta.get("kind") != "pretrain":
+    if meta.get("kind") != PRETRAIN_KIND:
         raise UserError(f"--init {cfg.init}: a training run, not a `mnistlab pretrain` run (--init takes the encoder "
                         "of a pre-training run)")
     theirs = f"{meta['model']} {json.dumps(meta['model_kwargs'], sort_keys=True)}"
@@ -334,7 +335,7 @@ def resume_config(run: RunFolder) -> tuple[TrainConfig, Read | None]:
         return cfg, None
     read = read_checkpoint(ckpt)
     meta = read[1]
-    if meta.get("kind") == "pretrain":
+    if meta.get("kind") == PRETRAIN_KIND:
         raise UserError(f"--resume {run.path}: a pre-training run; continue it with `mnistlab pretrain --resume "
                         f"{run.path}`")
     require_meta(meta, RUN_META, ckpt)
@@ -441,7 +442,7 @@ def load_run_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]
     if not ckpt.is_file():
         raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
     read = read_checkpoint(ckpt)
-    if read[1].get("kind") == "pretrain":
+    if read[1].get("kind") == PRETRAIN_KIND:
         raise UserError(f"{run_dir}: a pre-training run (an encoder, no classifier); fine-tune it with "
                         f"`mnistlab train --model {read[1].get('model')} --init {run_dir}`")
     require_meta(read[1], RUN_META, ckpt)
