@@ -1,6 +1,6 @@
 """Run the README's results commands over several seeds and print the table the README shows.
 
-    python bench/results_table.py                        # every row, seeds 0 1 2 (about 50 minutes on 2 cores)
+    python bench/results_table.py                        # every row, seeds 0 1 2 (about 75 minutes on 2 cores)
     python bench/results_table.py --rows 0 1 --seeds 0   # a quick look
 
 Each row is a `mnistlab train` command as a user would type it. The script trains it as a
@@ -26,6 +26,10 @@ ROWS = [
     "mnistlab train --dataset fashion-mnist --model mlp",
     "mnistlab train --dataset fashion-mnist --model lenet5",
     "mnistlab train --dataset fashion-mnist",
+    "mnistlab train --dataset fashion-mnist --model rnn",
+    "mnistlab train --dataset fashion-mnist --model gru",
+    "mnistlab train --dataset fashion-mnist --model lstm",
+    "mnistlab train --dataset fashion-mnist --model vit",
     "mnistlab train --dataset fashion-mnist --recipe fast",
     "mnistlab train --dataset fashion-mnist --recipe best",
 ]

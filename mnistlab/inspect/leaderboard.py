@@ -402,7 +402,7 @@ def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     datasets = sorted({r.config["dataset"] for r in rows})
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 4.6 * len(datasets) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(14.5, 4.6 * len(datasets) + 0.4), squeeze=False)
     colors, markers = plt.get_cmap("tab10").colors, "osD^v<>pP*"
     for ax_row, dataset in zip(axes, datasets, strict=True):
         mine = [r for r in rows if r.config["dataset"] == dataset]
@@ -432,8 +432,9 @@ def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
             ax.grid(True, which="both", alpha=0.3)
         ax_row[0].set_title(f"{dataset}: accuracy against training time")
         ax_row[1].set_title(f"{dataset}: accuracy against size")
-        ax_row[0].legend(fontsize=9, loc="best", title="rank. group (error bars: std over seeds)",
-                         title_fontsize=9)
+        # beside the plots, never over a point
+        ax_row[1].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                         title="rank. group\n(error bars: std over seeds)", title_fontsize=9)
     return save_figure(fig, out, dpi=110)
 
 
