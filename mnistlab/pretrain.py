@@ -20,9 +20,23 @@ reconstructions/epoch_NNN.png (original, masked, reconstructed validation images
 and masks every epoch) and reconstruction_loss.png. The epochs run in loop.fit, the same loop as
 `train`: this module supplies the engine (its step, its validation, its checkpoint).
 
-MAE or SimMIM (models/mae.py has both): `python bench/mae_vs_simmim.py` pre-trains the same encoder
-both ways for the same time and scores a linear probe of each on validation. Its numbers, and the
-default they chose, go here once measured on the reference machine; MAE is the default meanwhile.
+Why MAE, with per-patch normalised targets and a one-block decoder: `python bench/mae_vs_simmim.py
+--budget 120 --threads 1 --variants ...` pre-trained the default ViT (patch 7, 16 patches, 75% hidden)
+on Fashion-MNIST's 55,000 training images for the same ~2 minutes each, then fitted a linear probe on
+the frozen features of K labelled images per class (3 subsets), scored on the 5,000 validation images
+(2-core AMD EPYC, 1 thread, torch 2.13; mean +- std over the subsets):
+
+    encoder                      images/s  epochs  probe, 10/class   probe, 100/class
+    random (no pre-training)         -        -    49.34 +- 2.17%    66.63 +- 1.01%
+    MAE                            5,004      9    72.00 +- 1.44%    80.37 +- 0.53%
+    SimMIM                         3,544      7    60.24 +- 0.89%    73.25 +- 0.63%
+    MAE, raw pixel targets         5,177     10    70.89 +- 1.40%    78.94 +- 0.49%
+    MAE, two decoder blocks        3,919      8    72.39 +- 0.98%    80.12 +- 0.50%
+
+MAE beats SimMIM by 12 and 7 points at equal time: not only is it 1.4x faster per image (its encoder
+sees 4 tokens, not 16), its features are better per epoch too, since the encoder never spends capacity
+on mask tokens that fine-tuning will never show it. Per-patch normalised targets add 1.1-1.4 points;
+a second decoder block is a tie that costs 22% of the throughput, so one block it is.
 """
 
 from __future__ import annotations
