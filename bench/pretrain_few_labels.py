@@ -1,6 +1,6 @@
 """Where does pre-training pay? Masked-patch pre-training, then K labels per class, against training from scratch.
 
-    python bench/pretrain_few_labels.py                    # the issue's measurement on Fashion-MNIST (hours; see below)
+    python bench/pretrain_few_labels.py                    # the issue's measurement on Fashion-MNIST (1-2 hours)
     python bench/pretrain_few_labels.py --pretrain-run runs/PRE          # reuse a finished pre-training run
     python bench/pretrain_few_labels.py --dataset digits --ks 5 --seeds 0 1 --epochs 2 --pretrain-epochs 2 \\
         --one-lr -o /tmp/few                               # a smoke run in about a minute
@@ -32,12 +32,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-# contender -> (train flags beyond the dataset, budget and seed; learning rates to choose from)
+# contender -> (train flags beyond the dataset, budget and seed; learning rates to choose from). A trial at 10
+# labels per class, seed 0, 10 epochs, after 2 minutes of MAE (validation accuracy): scratch ViT 62.1% at 1e-3,
+# 61.6% at 2e-3; fine-tuned 71.9 / 72.0% at 5e-4 / 1e-3; probe 71.4 / 72.8% at 3e-3 / 1e-2; CNN 73.3 / 74.2% at
+# 0.05 / 0.1: each grid spans its trial's best by a factor of 2-3 either way.
 CONTENDERS = {
-    "ViT scratch": (["--model", "vit"], [1e-3, 2e-3]),
-    "ViT fine-tuned": (["--model", "vit", "--init", "{pre}"], [5e-4, 1e-3]),
-    "ViT linear probe": (["--model", "vit", "--init", "{pre}", "--freeze-encoder"], [3e-3, 1e-2]),
-    "CNN scratch": (["--model", "cnn"], [0.05, 0.1]),
+    "ViT scratch": (["--model", "vit"], [5e-4, 1e-3, 2e-3]),
+    "ViT fine-tuned": (["--model", "vit", "--init", "{pre}"], [5e-4, 1e-3, 2e-3]),
+    "ViT linear probe": (["--model", "vit", "--init", "{pre}", "--freeze-encoder"], [3e-3, 1e-2, 3e-2]),
+    "CNN scratch": (["--model", "cnn"], [0.05, 0.1, 0.2]),
 }
 
 
