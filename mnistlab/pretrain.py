@@ -51,23 +51,28 @@ import torch
 from mnistlab.checkpoint import (
     CHECKPOINT,
     PRETRAIN_KIND,
-    NonFiniteCheckpoint,
     Read,
-    load_into,
     read_checkpoint,
     require_meta,
-    save_checkpoint,
 )
 from mnistlab.config import PretrainConfig
 from mnistlab.data.batches import augment_batch, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
 from mnistlab.errors import UserError
-from mnistlab.loop import TrainingDiverged, TrainState, fit, step_seed
+from mnistlab.loop import TrainState, fit, step_seed
 from mnistlab.models import create_model
 from mnistlab.models.flops import count_params
 from mnistlab.models.mae import MaskedImageModel, create_masked_model, hide, random_mask
 from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, say, tune_allocator
-from mnistlab.train import apply_process_settings, is_out_of_memory, make_optimizer, out_of_memory, pick_device
+from mnistlab.train import (
+    apply_process_settings,
+    is_out_of_memory,
+    make_optimizer,
+    out_of_memory,
+    pick_device,
+    restore_run_checkpoint,
+    save_run_checkpoint,
+)
 
 VAL_MASK_SEED = 2021  # one fixed mask per validation image, the same every epoch and every run
 FIGURE_IMAGES = 8  # validation images in each reconstruction figure
@@ -170,16 +175,10 @@ class PretrainEngine:
         always has its figure)."""
         if state.step % self.steps_per_epoch == 0:
             self.draw_reconstructions(state.step // self.steps_per_epoch)
-        try:
-            save_checkpoint(self.run.file(CHECKPOINT), self.model, dict(self.meta(), **state.to_meta()),
-                            self.optimizer)
-        except NonFiniteCheckpoint as e:
-            raise TrainingDiverged(f"the weights became non-finite by step {state.step} ({e}); the last "
-                                   f"checkpoint (if any) is intact in {self.run.path}") from None
+        save_run_checkpoint(self.run, self.model, self.optimizer, self.meta(), state)
 
     def restore(self, read: Read) -> TrainState:
-        meta, _ = load_into(self.run.file(CHECKPOINT), self.model, self.optimizer, read=read)
-        return TrainState.from_meta(meta)
+        return restore_run_checkpoint(self.run, self.model, self.optimizer, read)
 
     def draw_reconstructions(self, epoch: int) -> None:
         """reconstructions/epoch_NNN.png: the first validation images, their fixed masks, the model's filling-in."""

@@ -95,6 +95,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
 
 
+def save_run_checkpoint(run: RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        meta: dict[str, Any], state: TrainState) -> None:
+    """An engine's checkpoint: weights, optimizer and TrainState; non-finite weights stop the run (exit 1)."""
+    try:
+        save_checkpoint(run.file(CHECKPOINT), model, dict(meta, **state.to_meta()), optimizer)
+    except NonFiniteCheckpoint as e:
+        raise TrainingDiverged(f"the weights became non-finite by step {state.step} ({e}); the last "
+                               f"checkpoint (if any) is intact in {run.path}") from None
+
+
+def restore_run_checkpoint(run: RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           read: Read) -> TrainState:
+    """Weights, optimizer state and TrainState from a run's checkpoint, as read_checkpoint read it."""
+    meta, _ = load_into(run.file(CHECKPOINT), model, optimizer, read=read)
+    return TrainState.from_meta(meta)
+
+
 class TorchEngine:
     """One training run's torch objects and its step; the loop (loop.fit) drives it."""
 
@@ -179,17 +196,11 @@ class TorchEngine:
 
     def save(self, state: TrainState) -> None:
         # the running sums of an unfinished epoch travel in the header, so its metrics stay whole on resume
-        try:
-            save_checkpoint(self.run.file(CHECKPOINT), self.model, dict(self.meta(), **state.to_meta()),
-                            self.optimizer)
-        except NonFiniteCheckpoint as e:
-            raise TrainingDiverged(f"the weights became non-finite by step {state.step} ({e}); the last "
-                                   f"checkpoint (if any) is intact in {self.run.path}") from None
+        save_run_checkpoint(self.run, self.model, self.optimizer, self.meta(), state)
 
     def restore(self, read: Read) -> TrainState:
         """Weights, optimizer state and training state from this run's checkpoint, as read_checkpoint read it."""
-        meta, _ = load_into(self.run.file(CHECKPOINT), self.model, self.optimizer, read=read)
-        return TrainState.from_meta(meta)
+        return restore_run_checkpoint(self.run, self.model, self.optimizer, read)
 
     def start_from_init(self) -> dict[str, Any]:
         """Step 0 of an --init run: the pre-trained encoder's weights; returns what env.json records of them."""
