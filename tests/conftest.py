@@ -23,6 +23,17 @@ def isolated_env(tmp_path_factory, monkeypatch):
     return cache
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small-tensor tests (a second only waits on a shared 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_arrays(n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
     """Random 28x28 uint8 images with labels 0..9, keyed by the standard file stems."""
     rng = np.random.default_rng(seed)

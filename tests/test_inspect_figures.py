@@ -37,13 +37,7 @@ MEAN, STD = 0.13, 0.31
 CLASSES = [f"class {c}" for c in range(10)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A handful of images: a second thread adds only waiting on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 @pytest.fixture(scope="module")

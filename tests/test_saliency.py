@@ -33,13 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOW_CORRELATION = 0.45
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine two threads per process fight and run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 @pytest.fixture(scope="module")
