@@ -232,8 +232,18 @@ def _refuse_flags_with_resume(explicit: dict, model_kwargs: dict) -> None:
                         f"{', '.join('--' + k.replace('_', '-') for k in given)}")
 
 
+def _under_torchrun() -> bool:
+    """Started by torchrun with more than one process (only `train`'s torch engine runs distributed)."""
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import fields
+
+    if _under_torchrun():
+        raise UserError("pretrain runs in one process; run it without torchrun (`mnistlab train` runs distributed)")
 
     from mnistlab.config import PretrainConfig
 
@@ -280,6 +290,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg.dataset = None
         if cfg.engine == "scratch":
             from mnistlab.scratch import train as scratch_train
+
+            if _under_torchrun():
+                raise UserError("--engine scratch trains in one process; run it without torchrun")
 
             scratch_train.train(cfg)
             return 0

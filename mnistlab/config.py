@@ -208,6 +208,13 @@ class TrainConfig(FieldConfig):
     threads: int | None = opt(None, "CPU threads (default: one per core; more than the cores is capped)",
                               "positive_int", optional=True)
     eval_batch_size: int = opt(1000, "images per evaluation batch", "positive_int")
+    precision: str = opt("auto", "fp32, or bf16 autocast; auto: bf16 on a CUDA GPU that computes it natively "
+                         "(compute capability 8.0 or newer), fp32 elsewhere (on the CPUs measured, bf16 trained "
+                         "slower: README)", choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile the training forward and backward (slow first steps; mostly worth it "
+                        "on a GPU)", "bool")
+    sync_bn: bool = opt(False, "under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm); "
+                        "by default each process normalises with its own share of the batch", "bool")
     # bookkeeping
     run_dir: str | None = opt(None, "the run folder (default: runs/<time>-<dataset>-<model>)", optional=True)
     recipe: str | None = opt(None, "a named, documented set of values for its model (see above)", optional=True,
@@ -224,6 +231,9 @@ class TrainConfig(FieldConfig):
         if self.engine == "scratch" and self.labels_per_class is not None:
             problems.append("labels_per_class with engine = 'scratch' (the numpy engine trains on the whole split; "
                             "train with --engine torch)")
+        if self.engine == "scratch" and (self.precision == "bf16" or self.compile or self.sync_bn):
+            problems.append("precision = 'bf16', compile or sync_bn with engine = 'scratch' (the numpy engine "
+                            "computes in float64 on the CPU; train with --engine torch)")
         if self.freeze_encoder and self.init is None:
             problems.append("freeze_encoder = True without init (nothing pre-trained to freeze: give --init "
                             "PRETRAIN_RUN_DIR)")

@@ -9,6 +9,11 @@ epoch's permutation (data.batches.epoch_permutation) and the engine's RNG, resee
 step_seed(seed, step) before each step (dropout, augmentation). So a checkpoint needs only weights,
 optimizer state, the step and this epoch's running sums: a run killed at any moment and resumed from
 its last checkpoint ends bit-identical to an uninterrupted one (CPU, same thread count).
+
+Under torchrun (an engine with `distributed` set, train.py) each process returns its part of a step's
+loss and count; the pending steps are summed over the processes in one collective every 10 steps and at
+the epoch's end (`reduce_steps`), and a Ctrl-C is honoured at those points only, by every process at
+the same step (`any_rank`), so that no process waits for a peer that has stopped.
 """
 
 from __future__ import annotations
@@ -97,8 +102,10 @@ class Engine(Protocol):
 
 
 def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train: int, total_steps: int,
-                    stop: StopFlag, progress: bool, run_path: Any) -> None:
-    """Run the steps left in the current epoch (all of them, or from a mid-epoch checkpoint)."""
+                    stop: StopFlag, progress: bool, run_path: Any) -> bool:
+    """Run the steps left in the current epoch (all of them, or from a mid-epoch checkpoint); True when it
+    stopped early for a Ctrl-C."""
+    together = getattr(engine, "distributed", False)  # torchrun: sums and stops agreed between processes
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epoch = state.step // steps_per_epoch
     perm = epoch_permutation(n_train, cfg.seed, epoch, engine.device)
@@ -106,6 +113,9 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
     pending: list[tuple[int, float, Any, Any, int]] = []
 
     def flush() -> None:
+        if together and pending:
+            sums = engine.reduce_steps([(loss, correct) for _, _, loss, correct, _ in pending])
+            pending[:] = [(p[0], p[1], loss, correct, p[4]) for p, (loss, correct) in zip(pending, sums)]
         for step, lr, loss, correct, n in pending:  # one addition at a time: the same sums whenever we flush
             if not math.isfinite(float(loss)):
                 raise TrainingDiverged(
@@ -123,6 +133,7 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
         bar = tqdm(total=steps_per_epoch, initial=state.step % steps_per_epoch, leave=False, unit="step",
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr)
     t0, seconds_before = time.perf_counter(), state.epoch_seconds
+    stopped = False
     for i in range(state.step % steps_per_epoch, steps_per_epoch):
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         lr = get_lr(state.step, total_steps, cfg)
@@ -130,6 +141,8 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
         pending.append((state.step, lr, loss, correct, len(idx)))
         state.step += 1
         kill_point_for_tests("step", state.step)
+        if together and i % 10 == 0 and bar is None:
+            flush()  # every process at the same steps (only rank 0 has a bar)
         if bar is not None:
             bar.update(1)
             if i % 10 == 0:
@@ -139,7 +152,8 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
                 if correct is not None:
                     shown["acc"] = f"{state.epoch_correct / state.epoch_seen:.2%}"
                 bar.set_postfix(**shown, img_s=f"{rate:,.0f}")
-        if stop.requested:
+        if (not together or i % 10 == 0) and _agreed(engine, stop.requested):
+            stopped = True
             break
     if bar is not None:
         bar.close()
@@ -147,6 +161,13 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
     elapsed = time.perf_counter() - t0
     state.epoch_seconds += elapsed
     state.train_seconds += elapsed
+    return stopped
+
+
+def _agreed(engine: Engine, flag: bool) -> bool:
+    """`flag` as every process sees it: under torchrun, true on all when true on any."""
+    any_rank = getattr(engine, "any_rank", None)
+    return any_rank(flag) if any_rank is not None else flag
 
 
 def end_of_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, run: RunFolder, epoch: int, lr: float,
@@ -186,15 +207,15 @@ def fit(cfg: LoopConfig, engine: Engine, state: TrainState, run: RunFolder, n_tr
     total_steps = steps_per_epoch * cfg.epochs
     with StopFlag() as stop:
         while state.step < total_steps:
-            train_one_epoch(cfg, engine, state, n_train, total_steps, stop, progress, run.path)
-            if stop.requested and state.step % steps_per_epoch:
+            stopped = train_one_epoch(cfg, engine, state, n_train, total_steps, stop, progress, run.path)
+            if stopped and state.step % steps_per_epoch:
                 engine.save(state)
                 note(f"interrupted at step {state.step}/{total_steps}; checkpoint saved. "
                      f"{_how_to_continue(engine, run)}")
                 raise KeyboardInterrupt
             epoch = state.step // steps_per_epoch
             end_of_epoch(cfg, engine, state, run, epoch, get_lr(state.step - 1, total_steps, cfg), tensorboard)
-            if stop.requested:
+            if _agreed(engine, stop.requested):
                 note(f"interrupted at the end of epoch {epoch}; checkpoint saved. {_how_to_continue(engine, run)}")
                 raise KeyboardInterrupt
 

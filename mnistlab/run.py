@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mnistlab.distributed import is_main
 from mnistlab.errors import UserError
 from mnistlab.files import append_line, atomic_write_text, remove_orphan_temps, to_json, write_json
 
@@ -37,21 +38,30 @@ RUN_FILES = (CONFIG, ENV, METRICS, RESULTS, CHECKPOINT, GRAD_FLOW)
 
 
 def note(msg: str) -> None:
-    """Progress and warnings: stderr."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress and warnings: stderr (from rank 0 only, under torchrun)."""
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def say(msg: str) -> None:
-    """What a run reports (epoch lines, the result): stdout, so it can be piped and kept."""
-    print(msg, flush=True)
+    """What a run reports (epoch lines, the result): stdout, so it can be piped and kept (rank 0 only)."""
+    if is_main():
+        print(msg, flush=True)
 
 
 class RunFolder:
-    """A run folder held by this process (see the module docstring)."""
+    """A run folder held by this process (see the module docstring), or followed by one that does not write
+    (the ranks after 0 of a distributed run: `follow`)."""
 
-    def __init__(self, path: Path, lock_fd: int | None) -> None:
+    def __init__(self, path: Path, lock_fd: int | None, writes: bool = True) -> None:
         self.path = path
         self._lock_fd = lock_fd
+        self.writes = writes
+
+    @classmethod
+    def follow(cls, run_dir: str | Path) -> RunFolder:
+        """The folder rank 0 holds, seen from another rank: no lock, and every write is skipped."""
+        return cls(Path(run_dir), None, writes=False)
 
     @classmethod
     def create(cls, run_dir: str | None, dataset: str, model: str) -> RunFolder:
@@ -101,6 +111,8 @@ class RunFolder:
         return run
 
     def clean(self) -> None:
+        if not self.writes:
+            return
         for p in remove_orphan_temps(self.path, RUN_FILES):
             note(f"removed {p.name}, left by an interrupted write")
 
@@ -119,16 +131,24 @@ class RunFolder:
         return self.path / name
 
     def write_json(self, name: str, obj: Any) -> None:
+        if not self.writes:
+            return
         write_json(self.path / name, obj)
 
     def write_config(self, config_json: str) -> None:
+        if not self.writes:
+            return
         atomic_write_text(self.path / CONFIG, config_json + "\n")
 
     # metrics.jsonl: one JSON record per finished epoch
     def start_metrics(self) -> None:
+        if not self.writes:
+            return
         atomic_write_text(self.path / METRICS, "")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         append_line(self.path / METRICS, to_json(record, indent=None))
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -136,6 +156,8 @@ class RunFolder:
 
     def keep_metrics(self, epochs_done: int) -> None:
         """Drop records of epochs after the checkpoint (a kill between the metrics and checkpoint writes)."""
+        if not self.writes:
+            return
         keep = [r for r in self.read_metrics() if r["epoch"] <= epochs_done]
         atomic_write_text(self.path / METRICS, "".join(to_json(r, indent=None) + "\n" for r in keep))
 
@@ -293,8 +315,13 @@ def kill_point_for_tests(where: str, n: int) -> None:
 
     MNISTLAB_TEST_KILL=<where>:<n> sends SIGKILL, MNISTLAB_TEST_INTERRUPT=<where>:<n> SIGINT (Ctrl-C).
     Points: 'step:N' right after step N is applied (mid-epoch), 'metrics:E' after epoch E's metrics
-    record is written and before its checkpoint.
+    record is written and before its checkpoint. Under torchrun, MNISTLAB_TEST_KILL_RANK=R limits it to
+    rank R, and only the first attempt is killed (a group torchrun restarted runs through).
     """
+    rank = os.environ.get("MNISTLAB_TEST_KILL_RANK")
+    if rank is not None and (os.environ.get("RANK", "0") != rank
+                             or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        return
     point = f"{where}:{n}"
     if os.environ.get("MNISTLAB_TEST_KILL") == point:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -9,7 +9,9 @@
 Read top to bottom: `train` opens the run folder (run.py), `TorchEngine` builds data, model and optimizer,
 `fit` (loop.py, shared with the numpy engine) runs the epochs, calling this engine's `train_step`
 (`get_batch`, forward, loss, backward, clip, step), `validate` and `save` (with --tensorboard, also
-tensorboard.py's writer at each epoch's end); `final_eval` writes results.json. The training state is one
+tensorboard.py's writer at each epoch's end); `final_eval` writes results.json. Under torchrun the same
+code runs in every process (distributed.py): each trains on its share of the global batch through DDP,
+metrics and evaluations are summed over the processes, and rank 0 writes the folder. The training state is one
 object (loop.TrainState) that a checkpoint carries. --init starts the encoder from a pre-training run
 (`load_pretrained_encoder`), --freeze-encoder leaves only the head trainable, --labels-per-class trains
 on a seeded stratified subset (data/subset.py, which also says what an epoch is then).
@@ -22,12 +24,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from mnistlab import gradflow
+from mnistlab import distributed, gradflow
 from mnistlab.checkpoint import (
     CHECKPOINT,
     PRETRAIN_KIND,
@@ -45,7 +47,7 @@ from mnistlab.data.batches import augment_batch, random_erase, shifted_crops, to
 from mnistlab.data.dataset import Dataset, load_dataset
 from mnistlab.data.subset import SUBSET_FILE, with_labelled_subset
 from mnistlab.errors import UserError
-from mnistlab.evaluate import evaluate
+from mnistlab.evaluate import EvalResult, evaluate
 from mnistlab.loop import TrainingDiverged, TrainState, fit, step_seed
 from mnistlab.models import create_model
 from mnistlab.models.flops import count_params
@@ -77,6 +79,23 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps: Apple's MPS backend is not available (try --device auto)")
     return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """fp32 or bf16 for --precision `name` on `device`. auto: bf16 autocast on a CUDA GPU that computes bf16
+    natively (compute capability 8.0+: Ampere, Hopper and later), fp32 elsewhere. On the CPUs measured (an
+    AVX-512 Xeon with AVX512_BF16 but no AMX, an AVX2 EPYC) bf16 autocast trained at 0.25-0.80x the speed of
+    fp32 (README), so auto never picks it on a CPU; `--precision bf16` is there to measure one that has AMX."""
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return "fp32"
+    if device.type == "mps":
+        raise UserError("--precision bf16: not on Apple's MPS backend; use --precision fp32")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if name == "auto":
+            return "fp32"
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not compute bf16 natively; "
+                        "use --precision fp32")
+    return "bf16"
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) -> torch.optim.Optimizer:
@@ -117,6 +136,9 @@ class TorchEngine:
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device, run: RunFolder) -> None:
         self.cfg, self.ds, self.device, self.run = cfg, ds, device, run
+        self.world = distributed.world()
+        self.distributed = self.world.distributed  # the loop sums its running metrics over ranks (reduce_steps)
+        self.precision = pick_precision(cfg.precision, device)
         self.train_x, self.train_y = ds.train_images.to(device), ds.train_labels.to(device)
         self.val_x, self.val_y = ds.val_images.to(device), ds.val_labels.to(device)
         torch.manual_seed(cfg.seed)  # the initial weights
@@ -125,7 +147,14 @@ class TorchEngine:
         if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("head."))
+        if cfg.sync_bn and self.distributed:  # same parameter names: checkpoints load into plain BatchNorm
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = make_optimizer(self.model, cfg)
+        # what the training step calls: DDP under torchrun, compiled with --compile; self.model stays the bare
+        # module that checkpoints, evaluation and the figures use
+        self.net = distributed.wrap(self.model, device)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.hflip = cfg.hflip == "on" or (cfg.hflip == "auto" and ds.mirror_symmetric)
         self.tta = cfg.tta == "on" or (cfg.tta == "auto" and self.hflip)
         self.shift_tta = cfg.tta_shifts == "on" or (cfg.tta_shifts == "auto" and cfg.augment == "shift")
@@ -154,18 +183,32 @@ class TorchEngine:
                               self.background, hflip=self.hflip)
         return random_erase(x, self.cfg.erase, self.background), self.train_y[idx]
 
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     def train_step(self, idx: torch.Tensor, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns (loss, number correct) as device tensors (the loop checks the loss is
-        finite when it reads them back, so there is no device sync per step)."""
-        torch.manual_seed(step_seed(self.cfg.seed, step))  # dropout and augmentation of this step
+        """One optimizer step on the global batch `idx` (B,); returns (loss, number correct) as device tensors
+        (the loop checks the loss is finite when it reads them back, so there is no device sync per step).
+
+        Under torchrun this rank computes its share (distributed.shard) and returns its part of the batch's
+        mean loss and its count of correct answers, which the loop sums over ranks (reduce_steps)."""
+        # dropout and augmentation of this step; each rank its own stream (rank 0's is the one-process one)
+        torch.manual_seed(step_seed(self.cfg.seed, step) + self.world.rank)
+        mine = distributed.shard(idx)  # (b,), b = B / world size
+        # DDP averages the ranks' gradients: weighting each rank's mean loss by world size x its share makes that
+        # average the gradient of the mean over the global batch, exactly, when shares are uneven too
+        weight = len(mine) * self.world.size / len(idx)
+        if len(mine) == 0:  # a last batch smaller than the world: this rank still steps, with weight 0
+            mine = idx[:1]
         try:
-            x, y = self.get_batch(idx)
+            x, y = self.get_batch(mine)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            logits = self.model(x)  # (B, K)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            with self.autocast():
+                logits = self.net(x)  # (b, K)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             if step in self.flow_steps:  # raw gradients, before clipping: clipping would hide an explosion
                 gradflow.record(self.run.path, step, self.model, x, y)
             if step in self.tensorboard_grad_steps:  # the epoch's last gradients, before clipping (as grad-flow)
@@ -178,25 +221,57 @@ class TorchEngine:
             if not is_out_of_memory(e):
                 raise
             raise out_of_memory(len(idx), "--batch-size", self.device, e) from None
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+        correct = (logits.detach().argmax(1) == y).sum()
+        if self.distributed:  # this rank's part of the global mean; the loop sums the parts
+            return loss.detach() * (weight / self.world.size), correct * (weight > 0)
+        return loss.detach(), correct
+
+    def reduce_steps(self, values: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, int]]:
+        """Pending steps' (loss part, correct) summed over the ranks in one collective: the global batch's
+        mean loss and its count of correct answers per step."""
+        sums = torch.stack([torch.stack([loss.float(), correct.float()]) for loss, correct in values])  # (S, 2)
+        sums = distributed.sum_over_ranks(sums).tolist()
+        return [(loss, round(correct)) for loss, correct in sums]
+
+    def any_rank(self, flag: bool) -> bool:
+        """`flag` on any rank (Ctrl-C): every rank must stop at the same step."""
+        if not self.distributed:
+            return flag
+        return bool(distributed.sum_over_ranks(torch.tensor([float(flag)], device=self.device)).item())
 
     def validate(self) -> tuple[float, float]:
         """Per-epoch validation: flips if trained with them, never the 9x shift views (final_eval has them)."""
         val = self.evaluate(self.val_x, self.val_y, shift_tta=False)
         return val.loss, val.accuracy
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, shift_tta: bool):
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, shift_tta: bool) -> EvalResult:
+        """Loss and accuracy on images `x` (N, H, W); under torchrun each rank evaluates its share of them with
+        rank 0's weights and buffers and the sums are combined (predictions are then not kept)."""
+        if self.distributed:
+            distributed.sync_buffers(self.model)
+            x, y, n = distributed.shard(x), distributed.shard(y), len(y)
         try:
-            return evaluate(self.model, x, y, self.ds.mean, self.ds.std, self.cfg.eval_batch_size, self.tta,
-                            shift_tta)
+            with self.autocast():
+                result = evaluate(self.model, x, y, self.ds.mean, self.ds.std, self.cfg.eval_batch_size, self.tta,
+                                  shift_tta)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
             raise out_of_memory(self.cfg.eval_batch_size, "--eval-batch-size", self.device, e) from None
+        if not self.distributed:
+            return result
+        m = len(result.labels)
+        sums = torch.tensor([result.loss * m, result.accuracy * m], dtype=torch.float64, device=self.device)
+        loss_sum, correct = distributed.sum_over_ranks(sums).tolist()
+        empty = torch.zeros(0, dtype=torch.long)
+        return EvalResult(loss=loss_sum / n, accuracy=round(correct) / n, predictions=empty, labels=empty)
 
     def save(self, state: TrainState) -> None:
-        # the running sums of an unfinished epoch travel in the header, so its metrics stay whole on resume
-        save_run_checkpoint(self.run, self.model, self.optimizer, self.meta(), state)
+        # the running sums of an unfinished epoch travel in the header, so its metrics stay whole on resume.
+        # Under torchrun rank 0 writes (every rank holds the same weights) and the others wait for it.
+        if self.run.writes:
+            save_run_checkpoint(self.run, self.model, self.optimizer, self.meta(), state)
+        distributed.barrier()
 
     def restore(self, read: Read) -> TrainState:
         """Weights, optimizer state and training state from this run's checkpoint, as read_checkpoint read it."""
@@ -278,7 +353,7 @@ def final_eval(engine: TorchEngine, state: TrainState) -> dict[str, Any]:
                 freeze_encoder=cfg.freeze_encoder, test_accuracy=test.accuracy, test_loss=test.loss,
                 val_accuracy=val.accuracy, best_val_accuracy=state.best_val_accuracy, epochs=cfg.epochs,
                 steps=state.step, train_seconds=state.train_seconds, params=count_params(engine.model),
-                device=str(engine.device),
+                device=str(engine.device), precision=engine.precision, world_size=engine.world.size,
                 eval_views=(2 if engine.tta else 1) * (9 if engine.shift_tta else 1))  # best_val: per-epoch views
 
 
@@ -289,37 +364,84 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     # thread count and determinism are process-wide: set them for this run, restore them after
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
+        if not resume and distributed.restart_count() > 0 and cfg.run_dir is not None and (
+                (Path(cfg.run_dir) / CONFIG).exists() or (Path(cfg.run_dir) / CHECKPOINT).exists()):
+            # torchrun restarted the group with the same arguments: continue the run the first attempt began
+            cfg = TrainConfig(run_dir=cfg.run_dir, threads=cfg.threads, device=cfg.device)
+            resume = True
         if resume:
-            with RunFolder.open(cfg.run_dir) as run:
+            # the process group first (who is rank 0 decides who opens the folder), on the device trained on
+            _, device_name = distributed.start(cfg.device or _saved_device(cfg.run_dir))
+            with _run_folder(lambda: RunFolder.open(cfg.run_dir)) as run:
                 saved, read = resume_config(run)
                 if saved.tensorboard:
                     require_tensorboard()
-                saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
+                saved.run_dir, saved.device = str(run.path), device_name
                 saved.threads = cfg.threads if cfg.threads is not None else saved.threads
                 apply_process_settings(saved)
-                return _resume(run, saved, read, progress)
+                if distributed.restart_count() > 0:
+                    note(f"torchrun restart {distributed.restart_count()}: resuming {run.path}")
+                results = _resume(run, saved, read, progress)
+            distributed.stop()
+            return results
         if cfg.tensorboard:
             require_tensorboard()  # before the data and the run folder
+        if distributed.may_restart() and cfg.run_dir is None:
+            raise UserError("under torchrun --max-restarts, give --run-dir: a restarted group finds its run there "
+                            "and resumes it")
         apply_process_settings(cfg)
-        device = pick_device(cfg.device)
-        ds, subset = load_training_data(cfg)
+        world, device_name = distributed.start(cfg.device)
+        device = pick_device(device_name)
+        if cfg.sync_bn and device.type != "cuda":
+            raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs only on CUDA; on the CPU each process "
+                            "normalises with the batch statistics of its own share (the default, without --sync-bn)")
+        pick_precision(cfg.precision, device)  # refused here, before any data
+        ds, subset = distributed.main_first(lambda: load_training_data(cfg))
         cfg.dataset = ds.name
         if cfg.init is not None:
             cfg.init = str(Path(cfg.init).resolve())  # config.json must name it from any working directory
-        with RunFolder.create(cfg.run_dir, ds.name, cfg.model) as run:
+        with _run_folder(lambda: RunFolder.create(cfg.run_dir, ds.name, cfg.model)) as run:
             cfg.run_dir = str(run.path)
             engine = TorchEngine(cfg, ds, device, run)
             init = engine.start_from_init() if cfg.init is not None else {}
             run.write_config(cfg.to_json())
-            run.write_json(ENV, environment(str(device), ds, **init))
+            run.write_json(ENV, environment(str(device), ds, **init, **_world_record(engine)))
             if subset is not None:
                 run.write_json(SUBSET_FILE, subset)
             run.start_metrics()
             note(f"run folder {run.path}\n{cfg.describe()}")
-            return _fit_and_finish(engine, TrainState(), progress)
+            results = _fit_and_finish(engine, TrainState(), progress)
+        distributed.stop()
+        return results
+    except BaseException:
+        distributed.stop(finished=False)
+        raise
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+
+
+def _saved_device(run_dir: str | None) -> str:
+    """The --device a run folder's config.json records ("auto" when there is none to read)."""
+    try:
+        return TrainConfig.load(Path(run_dir or ".") / CONFIG).device
+    except UserError:
+        return "auto"
+
+
+def _run_folder(make: Callable[[], RunFolder]) -> RunFolder:
+    """This process's view of the run folder: rank 0 makes it (creates or opens it, and holds its lock), the
+    other ranks of a torchrun group follow the folder it made, without writing."""
+    run = distributed.main_first(make, lambda: None)
+    path = distributed.share_text(str(run.path) if run is not None else None)
+    return run if run is not None else RunFolder.follow(path)
+
+
+def _world_record(engine: TorchEngine) -> dict[str, Any]:
+    """What env.json records of the processes and the arithmetic."""
+    w = engine.world
+    return dict(world_size=w.size, backend=w.backend, precision=engine.precision, compile=engine.cfg.compile,
+                sync_bn=engine.cfg.sync_bn and w.distributed)
 
 
 def apply_process_settings(cfg: TrainConfig | PretrainConfig) -> None:
@@ -382,7 +504,10 @@ def _resume(run: RunFolder, cfg: TrainConfig, read: Read | None,
     done = meta is not None and run.file(RESULTS).exists()
     if done and "total_steps" in meta and meta["step"] >= meta["total_steps"]:
         return _finished(run, cfg)  # before loading any data: a finished run needs nothing, not even the network
-    ds, subset = load_training_data(cfg)
+    device = pick_device(cfg.device)
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError(f"--resume {run.path}: trained with --sync-bn, which runs only on CUDA")
+    ds, subset = distributed.main_first(lambda: load_training_data(cfg))
     steps_per_epoch = math.ceil(len(ds.train_labels) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if done and meta["step"] >= total_steps:
@@ -391,7 +516,7 @@ def _resume(run: RunFolder, cfg: TrainConfig, read: Read | None,
         run.write_config(cfg.to_json())
     if subset is not None and not run.file(SUBSET_FILE).exists():
         run.write_json(SUBSET_FILE, subset)
-    engine = TorchEngine(cfg, ds, pick_device(cfg.device), run)
+    engine = TorchEngine(cfg, ds, device, run)
     if read is None:  # killed before its first checkpoint: step 0 is exact
         if cfg.init is not None:
             engine.start_from_init()
@@ -415,7 +540,13 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
     if engine.shift_tta:
         note("final evaluation also over each image moved 1 pixel in 8 directions (--tta-shifts); "
              "per-epoch validation without, to save time")
-    if cfg.grad_flow:
+    if engine.world.distributed:
+        note(f"torchrun: {engine.world.size} processes ({engine.world.backend}), each training on about "
+             f"{cfg.batch_size // engine.world.size} images of each global batch of {cfg.batch_size}; BatchNorm "
+             f"statistics {'over the global batch (--sync-bn)' if cfg.sync_bn else 'per process'}")
+    if engine.precision != "fp32":
+        note(f"--precision {cfg.precision}: bf16 autocast on {engine.device}")
+    if cfg.grad_flow and engine.run.writes:
         engine.flow_steps = set(cfg.grad_flow_steps if cfg.grad_flow_steps is not None else
                                 [0, *(e * steps_per_epoch - 1 for e in range(1, cfg.epochs + 1))])
         gradflow.keep_before(run.path, state.step)  # drop records a resume will redo
@@ -429,7 +560,7 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
         trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
         note(f"--init {cfg.init}: the pre-trained encoder" + (f", frozen: {trainable:,} trainable parameters (the "
                                                               "head)" if cfg.freeze_encoder else ""))
-    if cfg.tensorboard:
+    if cfg.tensorboard and engine.run.writes:
         # a resume hides the events after its checkpoint's step: those of the steps it redoes
         engine.tensorboard = TensorBoardLog(run.path, engine.model, ds.val_images, ds.val_labels, ds.classes,
                                             ds.mean, ds.std, purge_step=state.step + 1)
@@ -437,6 +568,7 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
         note(f"TensorBoard logs in {run.file(TB_DIR)}: tensorboard --logdir {run.path.parent}")
     if progress is None:
         progress = sys.stderr.isatty()
+    progress = progress and distributed.is_main()
     try:
         fit(cfg, engine, state, run, len(ds.train_labels), progress, engine.tensorboard)
     finally:
@@ -444,6 +576,7 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
             engine.tensorboard.close()
     results = final_eval(engine, state)
     run.write_results(results)
+    engine.net = None  # drop the DDP wrapper before the process group goes (distributed.stop)
     return results
 
 
