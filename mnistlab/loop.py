@@ -115,7 +115,7 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
     def flush() -> None:
         if together and pending:
             sums = engine.reduce_steps([(loss, correct) for _, _, loss, correct, _ in pending])
-            pending[:] = [(p[0], p[1], loss, correct, p[4]) for p, (loss, correct) in zip(pending, sums)]
+            pending[:] = [(p[0], p[1], loss, correct, p[4]) for p, (loss, correct) in zip(pending, sums, strict=True)]
         for step, lr, loss, correct, n in pending:  # one addition at a time: the same sums whenever we flush
             if not math.isfinite(float(loss)):
                 raise TrainingDiverged(

@@ -23,8 +23,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -183,8 +184,9 @@ class TorchEngine:
                               self.background, hflip=self.hflip)
         return random_erase(x, self.cfg.erase, self.background), self.train_y[idx]
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def autocast(self, enabled: bool = True) -> torch.autocast:
+        """bf16 autocast with --precision bf16 (and `enabled`); a no-op context in fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled and self.precision == "bf16")
 
     def train_step(self, idx: torch.Tensor, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the global batch `idx` (B,); returns (loss, number correct) as device tensors
@@ -244,14 +246,16 @@ class TorchEngine:
         val = self.evaluate(self.val_x, self.val_y, shift_tta=False)
         return val.loss, val.accuracy
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, shift_tta: bool) -> EvalResult:
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, shift_tta: bool, fp32: bool = False) -> EvalResult:
         """Loss and accuracy on images `x` (N, H, W); under torchrun each rank evaluates its share of them with
-        rank 0's weights and buffers and the sums are combined (predictions are then not kept)."""
+        rank 0's weights and buffers and the sums are combined (predictions are then not kept). Per-epoch
+        validation runs at the training precision; fp32=True (the final evaluation) computes as `mnistlab eval`
+        does, so results.json and eval agree."""
         if self.distributed:
             distributed.sync_buffers(self.model)
             x, y, n = distributed.shard(x), distributed.shard(y), len(y)
         try:
-            with self.autocast():
+            with self.autocast(enabled=not fp32):
                 result = evaluate(self.model, x, y, self.ds.mean, self.ds.std, self.cfg.eval_batch_size, self.tta,
                                   shift_tta)
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -344,8 +348,9 @@ def out_of_memory(batch: int, flag: str, device: torch.device, err: Exception) -
 def final_eval(engine: TorchEngine, state: TrainState) -> dict[str, Any]:
     """Validation and test accuracy with every view the run asked for; results.json's contents."""
     cfg, ds = engine.cfg, engine.ds
-    val = engine.evaluate(engine.val_x, engine.val_y, engine.shift_tta)
-    test = engine.evaluate(ds.test_images.to(engine.device), ds.test_labels.to(engine.device), engine.shift_tta)
+    val = engine.evaluate(engine.val_x, engine.val_y, engine.shift_tta, fp32=True)
+    test = engine.evaluate(ds.test_images.to(engine.device), ds.test_labels.to(engine.device), engine.shift_tta,
+                           fp32=True)
     if not (math.isfinite(val.loss) and math.isfinite(test.loss)):
         raise TrainingDiverged(f"the weights became non-finite in the last epoch (test loss {test.loss}); "
                                f"results.json was not written")
@@ -440,8 +445,12 @@ def _run_folder(make: Callable[[], RunFolder]) -> RunFolder:
 def _world_record(engine: TorchEngine) -> dict[str, Any]:
     """What env.json records of the processes and the arithmetic."""
     w = engine.world
-    return dict(world_size=w.size, backend=w.backend, precision=engine.precision, compile=engine.cfg.compile,
-                sync_bn=engine.cfg.sync_bn and w.distributed)
+    record = dict(world_size=w.size, backend=w.backend, precision=engine.precision, compile=engine.cfg.compile,
+                  sync_bn=engine.cfg.sync_bn and w.distributed)
+    if engine.device.type == "cuda":  # "fp32" convolutions are TF32 on Ampere and later unless turned off
+        record.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                      cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return record
 
 
 def apply_process_settings(cfg: TrainConfig | PretrainConfig) -> None:
@@ -452,6 +461,8 @@ def apply_process_settings(cfg: TrainConfig | PretrainConfig) -> None:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    elif torch.cuda.is_available():  # fixed input shapes: let cuDNN time its convolution algorithms once
+        torch.backends.cudnn.benchmark = True
 
 
 def resume_config(run: RunFolder) -> tuple[TrainConfig, Read | None]:
