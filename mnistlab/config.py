@@ -208,9 +208,10 @@ class TrainConfig(FieldConfig):
     threads: int | None = opt(None, "CPU threads (default: one per core; more than the cores is capped)",
                               "positive_int", optional=True)
     eval_batch_size: int = opt(1000, "images per evaluation batch", "positive_int")
-    precision: str = opt("auto", "fp32, or bf16 autocast; auto: bf16 on a CUDA GPU that computes it natively "
-                         "(compute capability 8.0 or newer), fp32 elsewhere (on the CPUs measured, bf16 trained "
-                         "slower: README)", choices=("auto", "fp32", "bf16"))
+    precision: str = opt("fp32", "fp32 (default, reproducible), or bf16 autocast; auto: bf16 where the hardware "
+                         "computes it natively and it measured faster (CUDA compute capability 8.0+, CPUs with AMX, "
+                         "AMD CPUs with AVX512_BF16), fp32 elsewhere; docs/distributed.md",
+                         choices=("auto", "fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the training forward and backward (slow first steps; mostly worth it "
                         "on a GPU)", "bool")
     sync_bn: bool = opt(False, "under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm); "

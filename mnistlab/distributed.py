@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -202,6 +203,10 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    # A conv weight over 1 input channel, (C, 1, k, k) in channels-last, and its gradient differ in strides only
+    # along the size-1 dimension, where a stride addresses nothing: the same memory order, so DDP's warning that
+    # they "do not match" is noise here.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

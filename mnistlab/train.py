@@ -83,20 +83,49 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """fp32 or bf16 for --precision `name` on `device`. auto: bf16 autocast on a CUDA GPU that computes bf16
-    natively (compute capability 8.0+: Ampere, Hopper and later), fp32 elsewhere. On the CPUs measured (an
-    AVX-512 Xeon with AVX512_BF16 but no AMX, an AVX2 EPYC) bf16 autocast trained at 0.25-0.80x the speed of
-    fp32 (README), so auto never picks it on a CPU; `--precision bf16` is there to measure one that has AMX."""
-    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+    """fp32 or bf16 for --precision `name` on `device`.
+
+    auto: bf16 autocast where the hardware computes bf16 natively and it measured faster than fp32, from what
+    the hardware reports (`bf16_is_fast`); fp32 elsewhere. The default is fp32, PyTorch's, so that every
+    published number reproduces bit for bit; auto is asked for."""
+    if name == "fp32":
         return "fp32"
     if device.type == "mps":
-        raise UserError("--precision bf16: not on Apple's MPS backend; use --precision fp32")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         if name == "auto":
             return "fp32"
+        raise UserError("--precision bf16: not on Apple's MPS backend; use --precision fp32")
+    if name == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not compute bf16 natively; "
                         "use --precision fp32")
     return "bf16"
+
+
+def bf16_is_fast(device: torch.device, cpuinfo: str | None = None) -> bool:
+    """The rule behind --precision auto (measurements: docs/distributed.md, bench/precision.py).
+
+    CUDA: compute capability 8.0 or newer (Ampere, Hopper and later have bf16 tensor cores).
+    CPU: AMX-BF16 (Intel's matrix unit for bf16; not measured here, its purpose), or an AMD CPU with
+    AVX512_BF16 (Zen 4 and later: bf16 autocast trained 1.12-1.57x faster than fp32). An Intel CPU with
+    AVX512_BF16 but no AMX measured 0.70-0.80x and an AVX2 CPU 0.25x: fp32 there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags: set[str] = set()
+    vendor = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("vendor_id") and not vendor:
+            vendor = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    return "amx_bf16" in flags or (vendor == "AuthenticAMD" and "avx512_bf16" in flags)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) -> torch.optim.Optimizer:

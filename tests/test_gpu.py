@@ -42,7 +42,8 @@ def native_bf16() -> bool:
 @needs_cuda
 def test_trains_on_cuda_with_bf16_where_native(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", *QUICK, "--device", "cuda", "--epochs", "1", "--run-dir", str(run)]) == 0
+    assert main(["train", *QUICK, "--device", "cuda", "--precision", "auto", "--epochs", "1", "--run-dir",
+                 str(run)]) == 0
     r = results(run)
     assert r["device"].startswith("cuda"), r
     assert r["precision"] == ("bf16" if native_bf16() else "fp32"), r
@@ -111,12 +112,33 @@ def test_bf16_on_the_cpu_trains_and_is_recorded(tmp_path):
 
 
 @pytest.mark.slow
-def test_auto_precision_on_the_cpu_is_fp32(tmp_path):
-    run = tmp_path / "run"
+def test_the_default_precision_is_fp32_and_auto_follows_the_hardware_rule(tmp_path):
+    from mnistlab.train import bf16_is_fast
+
+    assert main(["train", *QUICK_DATA, "--model", "linear", "--device", "cpu", "--epochs", "1",
+                 "--run-dir", str(tmp_path / "default")]) == 0
+    assert results(tmp_path / "default")["precision"] == "fp32"
     assert main(["train", *QUICK_DATA, "--model", "linear", "--precision", "auto", "--device", "cpu",
-                 "--epochs", "1", "--run-dir", str(run)]) == 0
-    assert results(run)["precision"] == "fp32"
-    assert env(run)["precision"] == "fp32"
+                 "--epochs", "1", "--run-dir", str(tmp_path / "auto")]) == 0
+    expected = "bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"
+    assert results(tmp_path / "auto")["precision"] == expected
+    assert env(tmp_path / "auto")["precision"] == expected
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\nflags\t\t: fpu sse2 avx2 {flags}\n"
+
+
+@pytest.mark.parametrize("vendor, flags, fast", [
+    ("AuthenticAMD", "avx512f avx512_bf16", True),  # Zen 4: measured 1.12-1.57x (docs/distributed.md)
+    ("GenuineIntel", "avx512f avx512_bf16", False),  # no AMX: measured 0.70-0.80x
+    ("GenuineIntel", "avx512f avx512_bf16 amx_tile amx_bf16", True),  # AMX: bf16 matrix unit
+    ("AuthenticAMD", "", False),  # AVX2: measured 0.25x
+    ("GenuineIntel", "avx512f", False),
+])
+def test_auto_precision_rule_reads_the_cpu_flags(vendor, flags, fast):
+    from mnistlab.train import bf16_is_fast
+
+    assert bf16_is_fast(torch.device("cpu"), CPUINFO.format(vendor=vendor, flags=flags)) is fast
 
 
 def test_bf16_with_the_scratch_engine_is_refused(tmp_path, capsys):
