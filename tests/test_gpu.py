@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,19 @@ def test_auto_precision_rule_reads_the_cpu_flags(vendor, flags, fast):
     from mnistlab.train import bf16_is_fast
 
     assert bf16_is_fast(torch.device("cpu"), CPUINFO.format(vendor=vendor, flags=flags)) is fast
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_on_the_cpu_trains_the_same_model(tmp_path):
+    """--compile changes how the step runs, not what it computes: the same accuracies as without it."""
+    flags = [*QUICK_DATA, "--model", "mlp", "--epochs", "1", "--device", "cpu"]
+    assert main(["train", *flags, "--run-dir", str(tmp_path / "plain")]) == 0
+    assert main(["train", *flags, "--compile", "--run-dir", str(tmp_path / "compiled")]) == 0
+    plain, compiled = results(tmp_path / "plain"), results(tmp_path / "compiled")
+    assert compiled["val_accuracy"] == plain["val_accuracy"] and compiled["test_accuracy"] == plain["test_accuracy"]
+    assert env(tmp_path / "compiled")["compile"] is True
 
 
 def test_bf16_with_the_scratch_engine_is_refused(tmp_path, capsys):
