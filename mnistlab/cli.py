@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -234,8 +235,6 @@ def _refuse_flags_with_resume(explicit: dict, model_kwargs: dict) -> None:
 
 def _under_torchrun() -> bool:
     """Started by torchrun with more than one process (only `train`'s torch engine runs distributed)."""
-    import os
-
     return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
 
 
@@ -662,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"mnistlab: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if _under_torchrun() else "0"  # under torchrun: which process
+        print(f"mnistlab: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("mnistlab: interrupted", file=sys.stderr)

@@ -301,10 +301,18 @@ class TorchEngine:
 
     def save(self, state: TrainState) -> None:
         # the running sums of an unfinished epoch travel in the header, so its metrics stay whole on resume.
-        # Under torchrun rank 0 writes (every rank holds the same weights) and the others wait for it.
+        # Under torchrun rank 0 writes (every rank holds the same weights) and the others wait for it: the
+        # collective that tells them whether it found the weights non-finite is also the barrier.
+        diverged = None
         if self.run.writes:
-            save_run_checkpoint(self.run, self.model, self.optimizer, self.meta(), state)
-        distributed.barrier()
+            try:
+                save_run_checkpoint(self.run, self.model, self.optimizer, self.meta(), state)
+            except TrainingDiverged as e:
+                diverged = e
+        if self.any_rank(diverged is not None) and diverged is None:
+            raise TrainingDiverged(f"rank 0 found the weights non-finite by step {state.step}; its message says more")
+        if diverged is not None:
+            raise diverged
 
     def restore(self, read: Read) -> TrainState:
         """Weights, optimizer state and training state from this run's checkpoint, as read_checkpoint read it."""
