@@ -46,7 +46,7 @@ from mnistlab.run import CHECKPOINT, CONFIG, ENV, METRICS, RESULTS
 
 # Config fields that say where or how a run executed, not what it computes (module docstring).
 WHERE_FIELDS = frozenset({"run_dir", "threads", "device", "data_dir", "offline", "eval_batch_size", "deterministic",
-                          "grad_flow", "grad_flow_steps", "tensorboard"})
+                          "grad_flow", "grad_flow_steps", "tensorboard", "compile"})  # compile: how, not what
 ALPHA = 0.05  # the level of the tie test
 LATENCY_BATCHES = (1, 256)
 
