@@ -104,7 +104,8 @@ def start(device: str) -> tuple[World, str]:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
-    backend = "nccl" if cuda else "gloo"
+    # nccl moves only CUDA tensors: the few small CPU tensors (main_first's flag, share_text's bytes) go by gloo
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     timeout = timedelta(seconds=_env_int("MNISTLAB_DIST_TIMEOUT", 600) or 600)
     try:
         # torchrun's store outlives a restart of the group: the keys of each attempt under their own prefix, or
@@ -113,9 +114,9 @@ def start(device: str) -> tuple[World, str]:
         store = dist.PrefixStore(f"mnistlab/attempt_{restart_count()}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"rank {rank}: could not join the process group ({backend}): "
+        raise UserError(f"could not join the process group ({backend}): "
                         f"{str(e).strip().splitlines()[0][:200]}") from None
-    _WORLD = World(rank=rank, local_rank=local_rank, size=size, backend=backend)
+    _WORLD = World(rank=rank, local_rank=local_rank, size=size, backend="nccl" if cuda else "gloo")
     return _WORLD, device
 
 
@@ -154,7 +155,7 @@ def main_first(on_main: Callable[[], T], on_others: Callable[[], T] | None = Non
     dist.broadcast(failed, 0)
     if not is_main():
         if failed.item():
-            raise UserError(f"rank {_WORLD.rank}: stopping, rank 0 failed (its message says why)")
+            raise UserError("stopping: rank 0 failed (its message says why)")
         result = (on_others or on_main)()
     return result
 

@@ -405,9 +405,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     tune_allocator()
     # thread count and determinism are process-wide: set them for this run, restore them after
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
     try:
-        if not resume and distributed.restart_count() > 0 and cfg.run_dir is not None and (
-                (Path(cfg.run_dir) / CONFIG).exists() or (Path(cfg.run_dir) / CHECKPOINT).exists()):
+        if not resume and distributed.restart_count() > 0 and _begun_by_this_torchrun(cfg.run_dir):
             # torchrun restarted the group with the same arguments: continue the run the first attempt began
             cfg = TrainConfig(run_dir=cfg.run_dir, threads=cfg.threads, device=cfg.device)
             resume = True
@@ -418,12 +418,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 saved, read = resume_config(run)
                 if saved.tensorboard:
                     require_tensorboard()
-                saved.run_dir, saved.device = str(run.path), device_name
+                # the device as named (config.json keeps "cuda", never torchrun's "cuda:<local rank>")
+                saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
                 saved.threads = cfg.threads if cfg.threads is not None else saved.threads
                 apply_process_settings(saved)
                 if distributed.restart_count() > 0:
                     note(f"torchrun restart {distributed.restart_count()}: resuming {run.path}")
-                results = _resume(run, saved, read, progress)
+                # one process: the device the checkpoint records (or --device); torchrun: this rank's device
+                device = pick_device(device_name if distributed.world().distributed else saved.device)
+                results = _resume(run, saved, read, device, progress)
             distributed.stop()
             return results
         if cfg.tensorboard:
@@ -434,6 +437,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         apply_process_settings(cfg)
         world, device_name = distributed.start(cfg.device)
         device = pick_device(device_name)
+        if device.type == "cuda" and not cfg.deterministic:  # fixed shapes: cuDNN times its algorithms once
+            torch.backends.cudnn.benchmark = True
         if cfg.sync_bn and device.type != "cuda":
             raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs only on CUDA; on the CPU each process "
                             "normalises with the batch statistics of its own share (the default, without --sync-bn)")
@@ -461,6 +466,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _begun_by_this_torchrun(run_dir: str | None) -> bool:
+    """Whether `run_dir` holds the run an earlier attempt of this very torchrun job began (env.json records the
+    job's TORCHELASTIC_RUN_ID): a restart resumes it, and never another run that happened to be there."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_dir is None or job is None:
+        return False
+    try:
+        return json.loads((Path(run_dir) / ENV).read_text()).get("torchrun_job") == job
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _saved_device(run_dir: str | None) -> str:
@@ -483,7 +501,8 @@ def _world_record(engine: TorchEngine) -> dict[str, Any]:
     """What env.json records of the processes and the arithmetic."""
     w = engine.world
     record = dict(world_size=w.size, backend=w.backend, precision=engine.precision, compile=engine.cfg.compile,
-                  sync_bn=engine.cfg.sync_bn and w.distributed)
+                  sync_bn=engine.cfg.sync_bn and w.distributed,
+                  torchrun_job=os.environ.get("TORCHELASTIC_RUN_ID"))  # which job a restart may resume
     if engine.device.type == "cuda":  # "fp32" convolutions are TF32 on Ampere and later unless turned off
         record.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
                       cudnn_benchmark=torch.backends.cudnn.benchmark)
@@ -498,8 +517,6 @@ def apply_process_settings(cfg: TrainConfig | PretrainConfig) -> None:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    elif torch.cuda.is_available():  # fixed input shapes: let cuDNN time its convolution algorithms once
-        torch.backends.cudnn.benchmark = True
 
 
 def resume_config(run: RunFolder) -> tuple[TrainConfig, Read | None]:
@@ -546,13 +563,12 @@ def _finished(run: RunFolder, cfg: TrainConfig) -> dict[str, Any]:
         raise UserError(f"{run.file(RESULTS)}: not valid JSON (the run had finished)") from None
 
 
-def _resume(run: RunFolder, cfg: TrainConfig, read: Read | None,
+def _resume(run: RunFolder, cfg: TrainConfig, read: Read | None, device: torch.device,
             progress: bool | None) -> dict[str, Any]:
     meta = read[1] if read is not None else None
     done = meta is not None and run.file(RESULTS).exists()
     if done and "total_steps" in meta and meta["step"] >= meta["total_steps"]:
         return _finished(run, cfg)  # before loading any data: a finished run needs nothing, not even the network
-    device = pick_device(cfg.device)
     if cfg.sync_bn and device.type != "cuda":
         raise UserError(f"--resume {run.path}: trained with --sync-bn, which runs only on CUDA")
     ds, subset = distributed.main_first(lambda: load_training_data(cfg))

@@ -198,3 +198,15 @@ def test_a_diverging_distributed_run_stops_every_rank_with_one_line(tmp_path):
     # rank 1 says the same, naming its rank (unless the agent, seeing rank 0 exit first, ended it before it spoke)
     assert proc.stderr.count("mnistlab: error (rank 1): the loss became nan at step 1") <= 1
     assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_a_restart_never_resumes_a_run_another_command_left_in_the_folder(tmp_path):
+    """Attempt 0 refuses a --run-dir that already holds a run; the restarted attempt must refuse it too,
+    not take it for its own (env.json's torchrun_job names the job that began a run)."""
+    ok(one_process("train", *DIGITS, "--model", "linear", "--epochs", "1", "--run-dir", str(tmp_path / "old")))
+    before = (tmp_path / "old" / "results.json").read_bytes()
+    proc = torchrun("train", *DIGITS, "--model", "mlp", "--epochs", "1", "--run-dir", str(tmp_path / "old"),
+                    restarts=1)
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr and "resuming" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "old" / "results.json").read_bytes() == before
