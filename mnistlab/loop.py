@@ -141,18 +141,18 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
         pending.append((state.step, lr, loss, correct, len(idx)))
         state.step += 1
         kill_point_for_tests("step", state.step)
-        if together and i % 10 == 0 and bar is None:
-            flush()  # every process at the same steps (only rank 0 has a bar)
+        sync_point = i % 10 == 0  # under torchrun every process flushes here, bar or not (only rank 0 has one)
+        if sync_point and (together or bar is not None):
+            flush()
         if bar is not None:
             bar.update(1)
-            if i % 10 == 0:
-                flush()
+            if sync_point:
                 rate = state.epoch_seen / max(seconds_before + time.perf_counter() - t0, 1e-9)
                 shown = dict(loss=f"{state.epoch_loss_sum / state.epoch_seen:.4f}")
                 if correct is not None:
                     shown["acc"] = f"{state.epoch_correct / state.epoch_seen:.2%}"
                 bar.set_postfix(**shown, img_s=f"{rate:,.0f}")
-        if (not together or i % 10 == 0) and _agreed(engine, stop.requested):
+        if (sync_point or not together) and _agreed(engine, stop.requested):
             stopped = True
             break
     if bar is not None:

@@ -66,9 +66,8 @@ from mnistlab.models.mae import MaskedImageModel, create_masked_model, hide, ran
 from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, say, tune_allocator
 from mnistlab.train import (
     apply_process_settings,
-    is_out_of_memory,
     make_optimizer,
-    out_of_memory,
+    memory_errors_as_user_error,
     pick_device,
     restore_run_checkpoint,
     save_run_checkpoint,
@@ -140,7 +139,7 @@ class PretrainEngine:
     def train_step(self, idx: torch.Tensor, step: int, lr: float) -> tuple[torch.Tensor, None]:
         """One optimizer step on the training images `idx`; returns (loss, None): there is no accuracy."""
         torch.manual_seed(step_seed(self.cfg.seed, step))  # this step's flips and masks
-        try:
+        with memory_errors_as_user_error(len(idx), "--batch-size", self.device):
             x = to_input(self.train_x[idx], self.images.mean, self.images.std)  # (B, 1, H, W)
             x = augment_batch(x, "none", self.background, hflip=self.hflip)
             mask = random_mask(len(idx), self.model.n_patches, self.cfg.mask_ratio, self.device)  # (B, N)
@@ -152,10 +151,6 @@ class PretrainEngine:
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
             self.optimizer.step()
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise out_of_memory(len(idx), "--batch-size", self.device, e) from None
         return loss.detach(), None
 
     @torch.no_grad()

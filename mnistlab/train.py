@@ -23,7 +23,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,6 @@ class TorchEngine:
     def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device, run: RunFolder) -> None:
         self.cfg, self.ds, self.device, self.run = cfg, ds, device, run
         self.world = distributed.world()
-        self.distributed = self.world.distributed  # the loop sums its running metrics over ranks (reduce_steps)
         self.precision = pick_precision(cfg.precision, device)
         self.train_x, self.train_y = ds.train_images.to(device), ds.train_labels.to(device)
         self.val_x, self.val_y = ds.val_images.to(device), ds.val_labels.to(device)
@@ -213,6 +213,11 @@ class TorchEngine:
                               self.background, hflip=self.hflip)
         return random_erase(x, self.cfg.erase, self.background), self.train_y[idx]
 
+    @property
+    def distributed(self) -> bool:
+        """Under torchrun with more than one process: the loop sums its running metrics over ranks (reduce_steps)."""
+        return self.world.distributed
+
     def autocast(self, enabled: bool = True) -> torch.autocast:
         """bf16 autocast with --precision bf16 (and `enabled`); a no-op context in fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled and self.precision == "bf16")
@@ -231,7 +236,7 @@ class TorchEngine:
         weight = len(mine) * self.world.size / len(idx)
         if len(mine) == 0:  # a last batch smaller than the world: this rank still steps, with weight 0
             mine = idx[:1]
-        try:
+        with memory_errors_as_user_error(len(idx), "--batch-size", self.device):
             x, y = self.get_batch(mine)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -248,10 +253,6 @@ class TorchEngine:
                 # foreach: all norms in one pass (CPU defaults to one op per tensor plus a cat)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
             self.optimizer.step()
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise out_of_memory(len(idx), "--batch-size", self.device, e) from None
         correct = (logits.detach().argmax(1) == y).sum()
         if self.distributed:  # this rank's part of the global mean; the loop sums the parts
             return loss.detach() * (weight / self.world.size), correct * (weight > 0)
@@ -280,17 +281,14 @@ class TorchEngine:
         rank 0's weights and buffers and the sums are combined (predictions are then not kept). Per-epoch
         validation runs at the training precision; fp32=True (the final evaluation) computes as `mnistlab eval`
         does, so results.json and eval agree."""
+        n = len(y)  # all the images, over every rank
         if self.distributed:
             distributed.sync_buffers(self.model)
-            x, y, n = distributed.shard(x), distributed.shard(y), len(y)
-        try:
-            with self.autocast(enabled=not fp32):
-                result = evaluate(self.model, x, y, self.ds.mean, self.ds.std, self.cfg.eval_batch_size, self.tta,
-                                  shift_tta)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise out_of_memory(self.cfg.eval_batch_size, "--eval-batch-size", self.device, e) from None
+            x, y = distributed.shard(x), distributed.shard(y)
+        with (memory_errors_as_user_error(self.cfg.eval_batch_size, "--eval-batch-size", self.device),
+              self.autocast(enabled=not fp32)):
+            result = evaluate(self.model, x, y, self.ds.mean, self.ds.std, self.cfg.eval_batch_size, self.tta,
+                              shift_tta)
         if not self.distributed:
             return result
         m = len(result.labels)
@@ -380,6 +378,17 @@ def out_of_memory(batch: int, flag: str, device: torch.device, err: Exception) -
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return UserError(f"a batch of {batch} images does not fit in memory on {device} ({first}); "
                      f"try a smaller {flag}")
+
+
+@contextmanager
+def memory_errors_as_user_error(batch: int, flag: str, device: torch.device) -> Iterator[None]:
+    """Running out of memory inside the block becomes one line naming the flag to lower (other errors pass)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(batch, flag, device, e) from None
 
 
 def final_eval(engine: TorchEngine, state: TrainState) -> dict[str, Any]:
