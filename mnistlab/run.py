@@ -28,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mnistlab.distributed import is_main
 from mnistlab.errors import UserError
 from mnistlab.files import append_line, atomic_write_text, remove_orphan_temps, to_json, write_json
 
@@ -37,15 +36,23 @@ CHECKPOINT, GRAD_FLOW = "checkpoint.safetensors", "grad_flow.jsonl"  # written b
 RUN_FILES = (CONFIG, ENV, METRICS, RESULTS, CHECKPOINT, GRAD_FLOW)
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (always, in one process). Imported here, not at the top: distributed.py imports
+    torch, and this module is read without it (the leaderboard, the numpy engine)."""
+    from mnistlab.distributed import is_main
+
+    return is_main()
+
+
 def note(msg: str) -> None:
     """Progress and warnings: stderr (from rank 0 only, under torchrun)."""
-    if is_main():
+    if _is_main():
         print(msg, file=sys.stderr, flush=True)
 
 
 def say(msg: str) -> None:
     """What a run reports (epoch lines, the result): stdout, so it can be piped and kept (rank 0 only)."""
-    if is_main():
+    if _is_main():
         print(msg, flush=True)
 
 
