@@ -211,15 +211,3 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside a DDP (or torch.compile) wrapper: what checkpoints and evaluation use."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):  # torch.compile's
-            model = model._orig_mod
-        else:
-            return model
