@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mnistlab.run import METRICS, read_metrics
+
 
 def run_train(args: list[str]) -> tuple[dict, float, list[dict]]:
     """Run `mnistlab train ARGS` in a fresh process with a temporary run folder.
@@ -25,7 +27,7 @@ def run_train(args: list[str]) -> tuple[dict, float, list[dict]]:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError(f"mnistlab train {' '.join(args)} failed ({proc.returncode}): {last}")
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        metrics = read_metrics(run / METRICS)
         return json.loads((run / "results.json").read_text()), wall, metrics
 
 

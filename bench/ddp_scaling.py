@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line  # noqa: E402
+from mnistlab.run import METRICS, read_metrics  # noqa: E402
 
 COMM_MODELS = ["mlp", "lenet5", "cnn", "lstm", "vit"]
 
@@ -49,7 +50,7 @@ def train_once(args: list[str], run: Path, nproc: int) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     results = json.loads((run / "results.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = read_metrics(run / METRICS)
     return dict(accuracy=results["test_accuracy"], seconds=results["train_seconds"],
                 epoch_seconds=statistics.median(r["seconds"] for r in metrics),
                 images_per_second=statistics.median(r["images_per_second"] for r in metrics))

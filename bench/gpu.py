@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnistlab.run import METRICS, read_metrics
+
 # The `mnistlab train` flags per dataset. On a big GPU a step of these small CNNs costs about the same at
 # batch 512 as at 256 (kernel launches, not arithmetic, bound it), so time to accuracy is set by the
 # number of steps: twice the CPU recipes' batch with twice their learning rate (linear scaling) halves
@@ -103,7 +105,7 @@ def train(flags: list[str], run_dir: Path) -> tuple[dict, list[dict]] | str:
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return f"exit {proc.returncode}: {last}"
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = read_metrics(run_dir / METRICS)
     return json.loads((run_dir / "results.json").read_text()), metrics
 
 

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mnistlab.run import METRICS, read_metrics
+
 # contender -> (train flags beyond the dataset, budget and seed; learning rates to choose from). A trial at 10
 # labels per class, seed 0, 10 epochs, after 2 minutes of MAE (validation accuracy): scratch ViT 62.1% at 1e-3,
 # 61.6% at 2e-3; fine-tuned 71.9 / 72.0% at 5e-4 / 1e-3; probe 71.4 / 72.8% at 3e-3 / 1e-2; CNN 73.3 / 74.2% at
@@ -161,7 +163,7 @@ def main() -> None:
                   f"{100 * (pick[0] - cnn):+.1f} points ({pick_name.removeprefix('ViT ')}) |")
 
     pr = json.loads((pre / "results.json").read_text())
-    curve = [json.loads(line)["val_loss"] for line in (pre / "metrics.jsonl").read_text().splitlines() if line]
+    curve = [r["val_loss"] for r in read_metrics(pre / METRICS)]
     marks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1})
     print(f"\npre-training ({pre}): {pr['method']} on {pr['dataset']}, {pr['epochs']} epochs, "
           f"{pr['train_seconds'] / 60:.1f} min at {pr['images_per_second']:,.0f} images/s; validation reconstruction "
