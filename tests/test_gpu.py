@@ -43,14 +43,14 @@ def native_bf16() -> bool:
 @needs_cuda
 def test_trains_on_cuda_with_bf16_where_native(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", *QUICK, "--device", "cuda", "--precision", "auto", "--epochs", "1", "--run-dir",
+    assert main(["train", *QUICK, "--device", "cuda", "--precision", "auto", "--epochs", "2", "--run-dir",
                  str(run)]) == 0
     r = results(run)
     assert r["device"].startswith("cuda"), r
     assert r["precision"] == ("bf16" if native_bf16() else "fp32"), r
     assert env(run)["precision"] == r["precision"]
     assert env(run)["cuda_device"] == torch.cuda.get_device_name(0)
-    assert r["train_seconds"] > 0 and 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["test_accuracy"] >= 0.5, r  # it learned under the chosen precision: chance is 10%
 
 
 @pytest.mark.gpu
