@@ -174,3 +174,28 @@ def reconstruction_loss_figure(records: list[dict], title: str = ""):
     ax.legend(fontsize=8)
     ax.set_title(title or "reconstruction loss", fontsize=10)
     return fig
+
+
+def learning_curves_figure(records: list[dict]):
+    """Loss and accuracy per epoch (training and validation) and the learning rate, from metrics.jsonl records."""
+    plt = pyplot()
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
+        for split, style, name in (("train", "-o", "training (running, with augmentation)"),
+                                   ("val", "-s", "validation")):
+            values = [r.get(f"{split}_{key}") for r in records]
+            if any(v is not None for v in values):
+                ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{100 * v:.0f}%"))
+    axes[2].plot(epochs, [r.get("lr", np.nan) for r in records], "-o", ms=3, color="tab:purple")
+    axes[2].set_title("learning rate at the epoch's end")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    return fig

@@ -238,3 +238,18 @@ def test_one_per_class_takes_each_class_in_turn():
     assert one_per_class(labels, 4) == [3, 1, 6, 0]  # the first 0, 1, 2 and 3
     assert one_per_class(labels, 6) == [3, 1, 6, 0, 5, 2]
     assert one_per_class(labels, 50) == [3, 1, 6, 0, 5, 2, 4]  # every image once, no more
+
+
+def test_per_class_chart_titled_worst_first_puts_the_worst_class_on_top():
+    from mnistlab.inspect.predictions import draw_per_class_accuracy
+
+    accuracy = torch.tensor([0.9, 0.2, 0.99, 0.5], dtype=torch.float64)
+    classes = ["ok", "worst", "best", "middle"]
+    fig, ax = pyplot().subplots()
+    draw_per_class_accuracy(ax, accuracy, classes)
+    fig.canvas.draw()
+    # tick labels from the top of the figure down (display y grows upwards)
+    labels = sorted(ax.get_yticklabels(), key=lambda t: -t.get_window_extent().y0)
+    assert [t.get_text() for t in labels] == ["worst", "middle", "ok", "best"]
+    assert "worst first" in ax.get_title()
+    pyplot().close(fig)

@@ -48,7 +48,8 @@ def attention_rollout(maps: list[torch.Tensor], add_identity: bool = True) -> to
     return rollout
 
 
-def _has_attention(model: nn.Module) -> bool:
+def has_attention(model: nn.Module) -> bool:
+    """Whether the model exposes per-block attention maps (the ViT)."""
     return callable(getattr(model, "attention_maps", None)) and hasattr(model, "pool")
 
 
@@ -90,7 +91,7 @@ def attention_heads_figure(model: nn.Module, images_u8: torch.Tensor, mean: floa
                            labels: torch.Tensor | None = None, classes: list[str] | None = None,
                            indices: Sequence[int] | None = None, n_images: int = 3):
     """Each block's (rows) and head's (columns) attention over the patches, for a few images; None if not a ViT."""
-    if not _has_attention(model):
+    if not has_attention(model):
         return None
     plt = pyplot()
     pick = choose_samples(len(images_u8), labels, indices, n_images)
@@ -139,7 +140,7 @@ def attention_rollout_figure(model: nn.Module, images_u8: torch.Tensor, mean: fl
                              labels: torch.Tensor | None = None, classes: list[str] | None = None,
                              indices: Sequence[int] | None = None, n_images: int = 8):
     """Attention rollout over the image for a few images (image above, rollout over it below); None if not a ViT."""
-    if not _has_attention(model):
+    if not has_attention(model):
         return None
     plt = pyplot()
     pick = choose_samples(len(images_u8), labels, indices, n_images)
