@@ -471,15 +471,37 @@ def _add_predict_parser(sub) -> None:
                        description="Predict PNG, JPEG or BMP pictures (any size; dark on light or light on dark; "
                                    "ink in the alpha channel of a transparent canvas) with RUN_DIR's model. Each "
                                    "picture is made into the 28x28 image the dataset's own recipe would give; "
-                                   "probabilities are temperature-calibrated on the validation split, and a "
-                                   "picture scoring below the threshold that accepts 95%% of correctly classified "
-                                   "validation images is answered 'unsure'. Exit 2 if a file could not be read "
-                                   "(the others are still answered).")
+                                   "probabilities are temperature-calibrated on the validation split when training "
+                                   "ends (calibration.json; no data is loaded here), and a picture scoring below "
+                                   "the threshold that accepts 95% of correctly classified validation images is "
+                                   "answered 'unsure'. Exit 2 if a file could not be read (the others are still "
+                                   "answered).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
     p.add_argument("--json", action="store_true", help="one JSON object per picture")
     p.add_argument("--top", type=_arg_type("positive_int"), default=3, help="how many classes to list (default: 3)")
     p.set_defaults(func=cmd_predict)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mnistlab.calibration import CALIBRATION, describe
+    from mnistlab.deploy.predict import calibrate_run
+
+    cal = calibrate_run(args.run_dir, data_dir=args.data_dir, offline=args.offline)
+    print(f"wrote {args.run_dir}/{CALIBRATION}: {describe(cal)}")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit a run's calibration (for runs trained before training did it)",
+                       description="Fit RUN_DIR's temperature and 'unsure' threshold on its validation split and "
+                                   "write calibration.json, as training does when it ends; this loads the dataset. "
+                                   "T stays 1 when too few validation images are misclassified to fit it, and "
+                                   "there is no threshold when too few correct answers support one; "
+                                   "calibration.json says which rule applied (mnistlab/calibration.py).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
+    _add_data_source_flags(p)
+    p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -648,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_parser, _add_pretrain_parser, _add_eval_parser, _add_predict_parser, _add_export_parser,
+    for add in (_add_train_parser, _add_pretrain_parser, _add_eval_parser, _add_predict_parser,
+                _add_calibrate_parser, _add_export_parser,
                 _add_serve_parser, _add_report_parser, _add_compare_parser, _add_models_parser, _add_plot_parser,
                 _add_lab_parser, _add_data_parser):
         add(sub)

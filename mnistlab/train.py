@@ -649,6 +649,9 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
             engine.tensorboard.close()
     results = final_eval(engine, state)
     run.write_results(results)
+    from mnistlab.calibration import write_run_calibration  # calibration.json: predict and serve need no data
+
+    write_run_calibration(run, engine.model, ds, state.step)
     engine.net = None  # drop the DDP wrapper before the process group goes (distributed.stop)
     return results
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_arrays, write_dataset
 from PIL import Image
 
+from mnistlab.calibration import fit_calibration
+from mnistlab.checkpoint import CHECKPOINT, save_checkpoint
 from mnistlab.cli import main
+from mnistlab.config import TrainConfig
 from mnistlab.deploy import preprocess
-from mnistlab.deploy.predict import Predictor, expected_calibration_error, fit_temperature
+from mnistlab.deploy.predict import Predictor
 from mnistlab.deploy.preprocess import prepare, render_as_picture, to_model_input
+from mnistlab.models import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only waits
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +29,29 @@ def digits_run(tmp_path_factory):
     assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "6", "--threads", "1",
                  "--run-dir", str(run)]) == 0
     return run
+
+
+@pytest.fixture
+def untrained_run(tmp_path):
+    """A run folder holding an untrained MLP's checkpoint (step 3) for a small synthetic dataset in data/;
+    no training, so the quick tests can predict and calibrate."""
+    data = write_dataset(tmp_path / "data", make_arrays())
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    cfg = TrainConfig(dataset="custom", data_dir=str(data), val_size=50, model="mlp")
+    meta = dict(model="mlp", model_kwargs={}, in_chans=1, num_classes=10, classes=list("0123456789"), mean=0.5,
+                std=0.29, config=cfg.to_dict(), step=3)
+    save_checkpoint(run / CHECKPOINT, create_model("mlp").eval(), meta)
+    return run
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Loading any dataset fails the test: predicting must need the run folder only."""
+    from mnistlab.data import dataset
+
+    monkeypatch.setattr(dataset, "load_dataset", lambda *a, **k: pytest.fail("a dataset was loaded"))
 
 
 def stroke_picture(size=280, dark_on_light=True) -> np.ndarray:
@@ -69,22 +100,22 @@ def test_dark_on_light_light_on_dark_and_alpha_ink_give_the_same_view(tmp_path):
     assert np.abs(views[0] - views[1]).max() <= 1 and np.abs(views[0] - views[2]).max() <= 1
 
 
-def test_a_blank_picture_is_blank_before_the_model_runs(tmp_path, digits_run, monkeypatch):
+def test_a_blank_picture_is_blank_before_the_model_runs(tmp_path, untrained_run, monkeypatch):
     Image.new("L", (200, 120), 255).save(tmp_path / "blank.png")
     noise = (250 + np.random.default_rng(0).integers(0, 5, (200, 200))).astype(np.uint8)  # paper texture
     Image.fromarray(noise).save(tmp_path / "paper.png")
-    predictor = Predictor(digits_run)
+    predictor = Predictor(untrained_run)
     monkeypatch.setattr(predictor, "logits", lambda x: pytest.fail("the model ran on a blank picture"))
     results, errors = predictor.predict_files([str(tmp_path / "blank.png"), str(tmp_path / "paper.png")])
     assert [r.status for r in results] == ["blank", "blank"] and errors == []
 
 
-def test_unreadable_files_are_one_line_each_and_the_others_are_answered(tmp_path, digits_run, capsys):
+def test_unreadable_files_are_one_line_each_and_the_others_are_answered(tmp_path, untrained_run, capsys):
     Image.fromarray(stroke_picture()).save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     (tmp_path / "doc.gif").write_bytes(b"GIF89a" + b"\0" * 20)  # a format we do not decode
     capsys.readouterr()
-    assert main(["predict", str(digits_run), str(tmp_path / "good.png"), str(tmp_path / "bad.png"),
+    assert main(["predict", str(untrained_run), str(tmp_path / "good.png"), str(tmp_path / "bad.png"),
                  str(tmp_path / "doc.gif"), "--json"]) == 2
     out, err = capsys.readouterr()
     answers = [json.loads(line) for line in out.splitlines()]
@@ -100,35 +131,96 @@ def test_an_image_too_large_is_refused_before_decoding(tmp_path, monkeypatch):
         prepare(tmp_path / "big.png", "mnist")
 
 
-def test_temperature_keeps_the_argmax_and_the_threshold_accepts_95_percent_of_correct_val(digits_run):
+def test_without_calibration_predict_is_uncalibrated_loads_no_data_and_says_so_once(tmp_path, untrained_run,
+                                                                                       no_data, capsys):
+    Image.fromarray(stroke_picture()).save(tmp_path / "a.png")
+    Image.fromarray(stroke_picture(dark_on_light=False)).save(tmp_path / "b.png")
+    capsys.readouterr()
+    assert main(["predict", str(untrained_run), str(tmp_path / "a.png"), str(tmp_path / "b.png")]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2 and "unsure" not in out
+    assert err.count("\n") == 1 and "no calibration.json" in err and f"mnistlab calibrate {untrained_run}" in err
+    predictor = Predictor(untrained_run, warn_uncalibrated=False)
+    assert predictor.temperature == 1.0 and predictor.threshold is None and predictor.calibration is None
+    assert not (untrained_run / "calibration.json").exists()  # predict never writes it
+
+
+def test_a_calibration_for_another_checkpoint_is_not_used(untrained_run, no_data, capsys):
+    cal = fit_calibration(torch.randn(300, 10) * 5, torch.arange(300) % 10, step=2)  # the checkpoint is at step 3
+    (untrained_run / "calibration.json").write_text(json.dumps(cal))
+    predictor = Predictor(untrained_run)
+    assert predictor.temperature == 1.0 and predictor.threshold is None
+    assert "another checkpoint (step 2, not 3)" in capsys.readouterr().err
+
+
+def test_calibrate_fits_once_and_then_a_run_folder_without_its_dataset_predicts(tmp_path, untrained_run,
+                                                                                 monkeypatch, capsys):
+    capsys.readouterr()
+    assert main(["calibrate", str(untrained_run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {untrained_run}/calibration.json: temperature ") and "threshold" in out
+    assert "ECE" in out and "before" in out and "after" in out
+    cal = json.loads((untrained_run / "calibration.json").read_text())
+    assert cal["step"] == 3 and cal["val_images"] == 50
+    copied = shutil.copytree(untrained_run, tmp_path / "elsewhere" / "run")
+    shutil.rmtree(tmp_path / "data")  # config.json's data_dir is gone
+    from mnistlab.data import dataset
+
+    monkeypatch.setattr(dataset, "load_dataset", lambda *a, **k: pytest.fail("a dataset was loaded"))
+    Image.fromarray(stroke_picture()).save(tmp_path / "a.png")
+    predictor = Predictor(copied)
+    assert predictor.calibration == cal and predictor.temperature == cal["temperature"]
+    assert predictor.threshold == cal["threshold"] and predictor.calibration_note == ""
+    results, errors = predictor.predict_files([str(tmp_path / "a.png")])
+    assert errors == [] and results[0].label in list("0123456789")
+    assert capsys.readouterr().err == ""
+
+
+def test_no_threshold_calls_nothing_unsure_and_a_threshold_does(tmp_path, untrained_run, capsys):
+    Image.fromarray(stroke_picture()).save(tmp_path / "a.png")
+    predictor = Predictor(untrained_run, warn_uncalibrated=False)
+    results, _ = predictor.predict_files([str(tmp_path / "a.png")])
+    assert results[0].status == "ok" and results[0].probability < 0.99  # an untrained model is not sure
+    predictor.threshold = results[0].probability
+    assert predictor.predict_files([str(tmp_path / "a.png")])[0][0].status == "ok"  # at the threshold: accepted
+    predictor.threshold = 0.99
+    assert predictor.predict_files([str(tmp_path / "a.png")])[0][0].status == "unsure"
+    cal = fit_calibration(torch.randn(300, 10) * 5, torch.arange(300) % 10, step=3)
+    (untrained_run / "calibration.json").write_text(json.dumps(dict(cal, threshold=0.99)))
+    capsys.readouterr()
+    assert main(["predict", str(untrained_run), str(tmp_path / "a.png")]) == 0
+    assert "(unsure: below the 99.0% threshold)" in capsys.readouterr().out
+
+
+def test_predict_help_shows_the_percent_sign_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    out = capsys.readouterr().out
+    assert "95%" in out and "%%" not in out
+
+
+@pytest.mark.slow
+def test_training_writes_the_calibration_that_predict_uses_without_data(digits_run, monkeypatch):
     from mnistlab.data.dataset import load_dataset
 
-    predictor = Predictor(digits_run)
     ds = load_dataset("digits")
-    logits = predictor.logits(ds.val_images)
-    t = predictor.temperature
-    assert 0.05 < t < 20
-    assert torch.equal(logits.argmax(1), (logits / t).argmax(1))
-    nll = torch.nn.functional.cross_entropy
-    assert nll(logits / t, ds.val_labels) <= min(nll(logits / (t * 1.2), ds.val_labels),
-                                                  nll(logits / (t / 1.2), ds.val_labels)) + 1e-9
-    probs = (logits / t).softmax(1)
-    score, pred = probs.max(1)
-    correct = pred == ds.val_labels
-    accepted = (score[correct] >= predictor.threshold).double().mean().item()
-    assert 0.94 <= accepted <= 0.97  # 95% of the correctly classified validation images (143 images)
     cal = json.loads((digits_run / "calibration.json").read_text())
-    assert cal["temperature"] == t and cal["ece_after"] <= cal["ece_before"] + 1e-9
-
-
-def test_fit_temperature_recovers_a_known_temperature():
-    torch.manual_seed(0)
-    true_logits = torch.randn(4000, 10) * 2
-    labels = torch.distributions.Categorical(logits=true_logits).sample()
-    assert fit_temperature(true_logits * 3, labels) == pytest.approx(3.0, rel=0.1)  # over-confident by 3
-    probs = torch.full((100, 10), 0.1)  # 10% confident, and right 10% of the time: calibrated
-    assert expected_calibration_error(probs, torch.arange(100) % 10) == pytest.approx(0.0, abs=1e-6)
-    assert expected_calibration_error(probs, torch.zeros(100, dtype=torch.long)) == pytest.approx(0.9)
+    monkeypatch.setattr("mnistlab.data.dataset.load_dataset", lambda *a, **k: pytest.fail("a dataset was loaded"))
+    predictor = Predictor(digits_run)
+    assert cal["step"] == predictor.meta["step"] and predictor.calibration == cal
+    assert predictor.temperature == cal["temperature"] and predictor.threshold == cal["threshold"]
+    logits = predictor.logits(ds.val_images)  # the logits predict computes: the fit at the end of training saw them
+    again = fit_calibration(logits, ds.val_labels, predictor.meta["step"])
+    assert again["temperature"] == pytest.approx(cal["temperature"], rel=1e-4)
+    assert again["val_errors"] == cal["val_errors"] and again["threshold_reason"] == cal["threshold_reason"]
+    if cal["threshold"] is not None:
+        assert again["threshold"] == pytest.approx(cal["threshold"], abs=1e-4)
+        probs = (logits / predictor.temperature).softmax(1)
+        score, pred = probs.max(1)
+        correct = pred == ds.val_labels
+        accepted = (score[correct] >= predictor.threshold).double().mean().item()
+        assert 0.94 <= accepted <= 0.97  # 95% of the correctly classified validation images (143 images)
+    assert torch.equal(logits.argmax(1), (logits / predictor.temperature).argmax(1))
 
 
 @pytest.mark.slow

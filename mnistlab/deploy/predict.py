@@ -1,21 +1,16 @@
 """Predict on people's pictures with a trained run: calibrated probabilities and an honest "unsure".
 
-Two numbers are fitted on the validation split (never on test) and cached in the run folder as
-calibration.json:
-
-- a temperature T (Guo et al. 2017): softmax(logits / T) with the T that minimises the validation
-  negative log-likelihood. One scalar for all classes, so the argmax never changes; it only makes
-  the displayed probabilities mean what they say.
-- a threshold on the calibrated maximum softmax probability (Hendrycks and Gimpel 2017), chosen so
-  that 95% of the correctly classified validation images are accepted. A picture scoring below it
-  is answered "unsure" (the model still says its best guess). A blank picture is answered "blank"
-  before the model runs.
+The calibration (a temperature T and a threshold on the top probability, mnistlab/calibration.py) is
+fitted on the validation split when training ends and read from the run folder's calibration.json:
+a Predictor never loads the dataset, so a copied run folder predicts and serves without it. A run
+without a calibration for its checkpoint predicts uncalibrated (T = 1, no threshold) and says once
+that `mnistlab calibrate RUN_DIR` (calibrate_run here, which does load the data) fits it. A picture
+scoring below the threshold is answered "unsure" (with its best guess); with no threshold (None)
+nothing is. A blank picture is answered "blank" before the model runs.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnistlab.calibration import CALIBRATION, fit_calibration, model_logits, read_calibration
 from mnistlab.deploy.preprocess import Prepared, prepare
 from mnistlab.errors import UserError
-
-CALIBRATION = "calibration.json"
-ACCEPT_CORRECT = 0.95  # the fraction of correctly classified validation images the threshold accepts
 
 
 @dataclass
@@ -45,47 +38,15 @@ class Prediction:
                     probability=self.probability, top=self.top)
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 minimising mean NLL of softmax(logits / T): a 1-D convex problem in log T (golden section)."""
-    logits, labels = logits.double(), labels.long()
-
-    def nll(log_t: float) -> float:
-        return torch.nn.functional.cross_entropy(logits / math.exp(log_t), labels).item()
-
-    lo, hi = math.log(0.05), math.log(20.0)
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(b)
-    return math.exp((lo + hi) / 2)
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE: the confidence-weighted gap between confidence and accuracy, over equal-width bins."""
-    conf, pred = probs.max(1)
-    correct = (pred == labels).double()
-    ece = 0.0
-    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            gap = conf[inside].double().mean().item() - correct[inside].mean().item()
-            ece += inside.double().mean().item() * abs(gap)
-    return ece
-
-
 class Predictor:
-    """A run folder's model, its preprocessing convention and its calibration, ready for pictures."""
+    """A run folder's model, its preprocessing convention and its calibration, ready for pictures.
 
-    def __init__(self, run_dir: str | Path) -> None:
+    temperature: T, 1.0 when uncalibrated; threshold: the top probability below which an answer is
+    "unsure", or None when there is none (no calibration, or too little validation evidence for one);
+    calibration: calibration.json's contents, or None; calibration_note: why it is missing, or ""."""
+
+    def __init__(self, run_dir: str | Path, *, warn_uncalibrated: bool = True) -> None:
+        from mnistlab.run import note
         from mnistlab.train import load_run_checkpoint
 
         self.run_dir = Path(run_dir)
@@ -96,55 +57,18 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.dataset: str = self.meta["config"]["dataset"]
         self.mean, self.std = float(self.meta["mean"]), float(self.meta["std"])
-        cal = self._calibration()
-        self.temperature: float = cal["temperature"]
-        self.threshold: float = cal["threshold"]
+        self.calibration, why_not = read_calibration(self.run_dir, self.meta["step"])
+        self.temperature: float = self.calibration["temperature"] if self.calibration else 1.0
+        self.threshold: float | None = self.calibration["threshold"] if self.calibration else None
+        self.calibration_note = "" if self.calibration else (
+            f"{run_dir}: {why_not}, so probabilities are the plain softmax and no answer is called unsure; "
+            f"`mnistlab calibrate {run_dir}` fits the calibration")
+        if self.calibration_note and warn_uncalibrated:
+            note(self.calibration_note)
 
-    @torch.inference_mode()
     def logits(self, images_u8: torch.Tensor) -> torch.Tensor:
         """(N, K) logits of uint8 images (N, 28, 28), in batches."""
-        from mnistlab.data.batches import to_input
-
-        out = [self.model(to_input(images_u8[i : i + 1000], self.mean, self.std)).float()
-               for i in range(0, len(images_u8), 1000)]
-        return torch.cat(out) if out else torch.zeros(0, len(self.classes))
-
-    def _calibration(self) -> dict[str, float]:
-        path = self.run_dir / CALIBRATION
-        if path.is_file():
-            try:
-                cal = json.loads(path.read_text())
-                if cal.get("step") == self.meta["step"]:
-                    return cal
-            except (OSError, ValueError):
-                pass  # damaged: fit again
-        cal = self.calibrate()
-        try:
-            from mnistlab.files import write_json
-
-            write_json(path, cal)
-        except UserError:
-            pass  # a read-only run folder: calibrate again next time
-        return cal
-
-    def calibrate(self) -> dict[str, Any]:
-        """Fit T and the threshold on the validation split (the run's own data and split)."""
-        from mnistlab.config import TrainConfig
-        from mnistlab.data.dataset import load_dataset
-
-        cfg = TrainConfig.from_dict(self.meta["config"], source=f"{self.run_dir}: the checkpoint's config")
-        ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
-        logits = self.logits(ds.val_images)
-        labels = ds.val_labels
-        t = fit_temperature(logits, labels)
-        probs = (logits / t).softmax(1)
-        score, pred = probs.max(1)
-        correct = pred == labels
-        threshold = float(torch.quantile(score[correct].double(), 1 - ACCEPT_CORRECT)) if correct.any() else 0.0
-        return dict(step=self.meta["step"], temperature=t, threshold=threshold, accept_correct=ACCEPT_CORRECT,
-                    val_images=len(labels),
-                    ece_before=expected_calibration_error(logits.softmax(1), labels),
-                    ece_after=expected_calibration_error(probs, labels))
+        return model_logits(self.model, images_u8, self.mean, self.std)
 
     def predict_prepared(self, prepared: list[tuple[str, Prepared]], top_k: int = 3) -> list[Prediction]:
         """Predictions for pictures already turned into the model's 28x28 view."""
@@ -158,7 +82,7 @@ class Predictor:
             for row, i in enumerate(live):
                 best = int(indices[row, 0])
                 p = float(values[row, 0])
-                results[i].status = "ok" if p >= self.threshold else "unsure"
+                results[i].status = "unsure" if self.threshold is not None and p < self.threshold else "ok"
                 results[i].index, results[i].label, results[i].probability = best, self.classes[best], p
                 results[i].top = [dict(label=self.classes[int(j)], index=int(j), probability=float(v))
                                   for v, j in zip(values[row].tolist(), indices[row].tolist(), strict=True)]
@@ -175,3 +99,19 @@ class Predictor:
             except UnreadableImage as e:
                 errors.append(str(e))
         return self.predict_prepared(prepared, top_k), errors
+
+
+def calibrate_run(run_dir: str | Path, data_dir: str | None = None, offline: bool = False) -> dict[str, Any]:
+    """Fit RUN_DIR's calibration on its validation split (this loads the run's dataset) and write
+    calibration.json; its contents."""
+    from mnistlab.config import TrainConfig
+    from mnistlab.data.dataset import load_dataset
+    from mnistlab.files import write_json
+
+    predictor = Predictor(run_dir, warn_uncalibrated=False)
+    cfg = TrainConfig.from_dict(predictor.meta["config"], source=f"{run_dir}: the checkpoint's config")
+    ds = load_dataset(cfg.dataset, data_dir=data_dir or cfg.data_dir, offline=offline or cfg.offline,
+                      val_size=cfg.val_size)
+    cal = fit_calibration(predictor.logits(ds.val_images), ds.val_labels, predictor.meta["step"])
+    write_json(predictor.run_dir / CALIBRATION, cal)
+    return cal
