@@ -16,8 +16,11 @@ Each dataset was made by a documented recipe, and a model only knows images made
   negated (a dark item on white becomes light on black). No 20 px box and no centre of mass.
 
 Whichever way round the picture is (dark ink on paper, light ink on a dark screen, ink in the
-alpha channel of a transparent canvas), the ink is found first: polarity is read from the border,
-which is background in any sensible photo or drawing.
+alpha channel of a transparent canvas), the ink is found first. A photo's paper is rarely one grey:
+light falls across it in a gradient and the lens darkens the corners (vignetting), so the background
+is estimated as a smooth surface, a quadratic fitted to the picture's outer band (background in any
+sensible photo or drawing, with the strokes that reach it rejected as outliers), and subtracted. The
+ink is then whichever way the picture departs furthest from its background: darker or lighter.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ MIN_INK_PIXELS = 4
 # validation split by re-preparing its own 28x28 images: 0.1 keeps their accuracy (99.3%), 0.5 lost 5.6
 # points (the anti-aliased fringe belongs to the box the datasets were scaled by).
 BOX_LEVEL = 0.1
+# The background surface: fitted on a copy at most this many pixels on a side (a smooth surface needs no
+# more), to the outer band of this fraction of each side; smaller pictures get one level (their border's).
+BACKGROUND_GRID = 64
+BACKGROUND_BAND = 0.12
+MIN_SURFACE_SIDE = 32
+MIN_ROOM = 0.2  # the least contrast (paper to black, or to white) ink is measured against
 
 
 class UnreadableImage(ValueError):
@@ -77,9 +86,65 @@ def load_ink(path: str | Path) -> tuple[np.ndarray, bool]:
         raise UnreadableImage(f"{path}: too large (at most {MAX_PIXELS:,} pixels; refused before decoding)") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise UnreadableImage(f"{path}: not a readable PNG, JPEG or BMP image ({e})") from None
-    inverted = _border_level(grey) > 0.5
-    ink = 1.0 - grey if inverted else grey
-    return ink, inverted
+    return ink_from_grey(grey)
+
+
+def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(ink, inverted) of a grey picture (H, W) in [0, 1]: the ink is the side (darker or lighter) that departs
+    furthest from the background surface, as a share of the way from the paper to black (or white)."""
+    background = _background(grey)
+    residual = grey - background
+    small = _resize((residual + 1) / 2, *_grid_shape(residual.shape)) * 2 - 1  # area means: a lone speck is not ink
+    darker, lighter = -float(small.min()), float(small.max())
+    if abs(darker - lighter) < BLANK_INK / 2:  # nothing stands out either way: the border's level decides
+        inverted = _border_level(grey) > 0.5
+    else:
+        inverted = darker > lighter
+    # how far each pixel goes from the paper towards full ink, as a share of the room there is: where less
+    # light falls the strokes are darker by less (the paper's reflectance times the light), and a stroke
+    # must read the same across the sheet (floored: a near-black paper's noise is not ink)
+    room = np.maximum(background if inverted else 1.0 - background, MIN_ROOM)
+    ink = np.clip((-residual if inverted else residual) / room, 0.0, 1.0)
+    return ink.astype(np.float32), inverted
+
+
+def _grid_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) scaled so the longer side is at most BACKGROUND_GRID."""
+    h, w = shape
+    scale = min(1.0, BACKGROUND_GRID / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _background(grey: np.ndarray) -> np.ndarray:
+    """The paper's level at every pixel (H, W): a quadratic surface a + bx + cy + dx^2 + exy + fy^2 fitted
+    to the outer band by least squares, refitted on the pixels within 3 robust sigmas of the last fit
+    (strokes that reach the band are outliers); a small picture gets its border's median."""
+    h, w = grey.shape
+    if min(h, w) < MIN_SURFACE_SIDE:
+        return np.full_like(grey, _border_level(grey))
+    gh, gw = _grid_shape(grey.shape)
+    small = _resize(grey, gh, gw)
+    band = max(2, round(BACKGROUND_BAND * min(gh, gw)))
+    in_band = np.ones((gh, gw), dtype=bool)
+    in_band[band:-band, band:-band] = False
+    # coordinates in [-1, 1] of pixel centres, so the grid's and the full picture's surfaces agree
+    ys, xs = np.nonzero(in_band)
+    y, x = (ys + 0.5) / gh * 2 - 1, (xs + 0.5) / gw * 2 - 1
+    design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+    values = small[ys, xs]
+    keep = np.ones(len(values), dtype=bool)
+    for _ in range(5):
+        coef = np.linalg.lstsq(design[keep], values[keep], rcond=None)[0]
+        residual = values - design @ coef
+        spread = 1.4826 * float(np.median(np.abs(residual[keep])))  # MAD: the noise's sigma, unmoved by ink
+        inliers = np.abs(residual) <= max(3 * spread, 0.02)
+        if inliers.sum() < 2 * design.shape[1]:
+            break  # too few left to fit six numbers: keep the last surface
+        keep = inliers
+    yy = ((np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1)[:, None]  # (H, 1)
+    xx = ((np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1)[None, :]  # (1, W)
+    a, b, c, d, e, f = coef.astype(np.float32)
+    return a + b * xx + c * yy + d * xx * xx + e * xx * yy + f * yy * yy
 
 
 def _resize(ink: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -105,9 +170,7 @@ def _ink_box(ink: np.ndarray) -> tuple[tuple[int, int, int, int], float] | None:
         return None
     if (ink > background + 0.5 * (peak - background)).sum() < MIN_INK_PIXELS:
         return None  # a speck, not a drawing
-    mask = ink > background + BOX_LEVEL * (peak - background)
-    if mask.sum() < MIN_INK_PIXELS:
-        return None
+    mask = ink > background + BOX_LEVEL * (peak - background)  # holds the pixels above half, so never empty
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1), background
 

@@ -1,0 +1,371 @@
+"""A person's picture -> the 28x28 view (deploy/preprocess.py): uneven paper, every picture mode, the
+size guards, and the edges of the ink box, each pinned where a small change to the code would show."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from mnistlab.deploy import preprocess
+from mnistlab.deploy.preprocess import (
+    UnreadableImage,
+    _ink_box,
+    _resize,
+    convention_for,
+    load_ink,
+    prepare,
+    render_as_picture,
+    to_model_input,
+)
+
+SIZE = 280
+
+
+def four_ink(size: int = SIZE) -> np.ndarray:
+    """A '4' drawn with a 14 px pen, off-centre: float32 (H, W), 1 where the ink is."""
+    canvas = Image.new("L", (size, size), 0)
+    pen = ImageDraw.Draw(canvas)
+    pen.line([(100, 50), (80, 150), (190, 150)], fill=255, width=14)
+    pen.line([(160, 70), (160, 235)], fill=255, width=14)
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def true_box(ink: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero((ink > 0.5).any(1)), np.flatnonzero((ink > 0.5).any(0))
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+def surface(kind: str, size: int = SIZE) -> np.ndarray:
+    """A paper's brightness (H, W) in [0, 1]: how light falls across a photographed sheet."""
+    y, x = np.indices((size, size), dtype=np.float32) / (size - 1)  # 0..1 down and across
+    r2 = ((x - 0.5) ** 2 + (y - 0.5) ** 2) / 0.5  # 0 at the centre, 1 in the corners
+    return {
+        "flat": np.full((size, size), 0.95, np.float32),
+        "left-to-right": 0.5 + 0.4 * x,
+        "bottom-to-top": 0.9 - 0.4 * y,
+        "diagonal": 0.45 + 0.25 * x + 0.25 * y,
+        "vignetting": 0.92 - 0.5 * r2,
+    }[kind]
+
+
+def photograph(tmp_path, paper: np.ndarray, ink: np.ndarray, ink_level: float, name: str = "photo.png"):
+    """Ink of one grey level laid on the paper, saved as an 8-bit PNG: its path."""
+    return save_grey(tmp_path, paper * (1 - ink) + ink_level * ink, name)
+
+
+def save_grey(tmp_path, grey: np.ndarray, name: str = "photo.png"):
+    path = tmp_path / name
+    Image.fromarray(np.clip(np.rint(grey * 255), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def centre_of_mass(image: np.ndarray) -> np.ndarray:
+    ys, xs = np.indices(image.shape)
+    mass = image.astype(float)
+    return np.array([(ys * mass).sum(), (xs * mass).sum()]) / mass.sum()
+
+
+def same_view(view: np.ndarray, clean: np.ndarray) -> bool:
+    """The clean picture's view, up to the one-pixel rounding of where the centre of mass is pasted: the same
+    centre within a pixel, and a correlation above 0.9 at the best shift of at most one pixel."""
+    best = max(np.corrcoef(np.roll(view, (dy, dx), (0, 1)).ravel().astype(float), clean.ravel().astype(float))[0, 1]
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    return best > 0.9 and np.abs(centre_of_mass(view) - centre_of_mass(clean)).max() <= 1.0
+
+
+@pytest.fixture(autouse=True)
+def restore_pillow_limit(monkeypatch):
+    """load_ink sets Pillow's own bomb limit; a test that lowers it must not leave it low for the next."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
+# ---- uneven paper (photos) --------------------------------------------------------------------------
+
+UNEVEN = ["left-to-right", "bottom-to-top", "diagonal", "vignetting"]
+
+
+@pytest.mark.parametrize("kind", UNEVEN)
+def test_dark_ink_on_uneven_paper_is_boxed_where_the_digit_is(tmp_path, kind):
+    ink = four_ink()
+    found, inverted = load_ink(photograph(tmp_path, surface(kind), ink, ink_level=0.08))
+    box = _ink_box(found)
+    assert inverted and box is not None
+    assert np.abs(np.subtract(box[0], true_box(ink))).max() <= 3, (box[0], true_box(ink))
+
+
+@pytest.mark.parametrize("kind", UNEVEN)
+def test_uneven_paper_gives_the_clean_pictures_view(tmp_path, kind):
+    ink = four_ink()
+    clean = prepare(photograph(tmp_path, surface("flat"), ink, 0.08, "clean.png"), "mnist").image
+    view = prepare(photograph(tmp_path, surface(kind), ink, 0.08), "mnist")
+    assert not view.blank and view.inverted
+    assert same_view(view.image, clean)
+
+
+@pytest.mark.parametrize("kind", ["left-to-right", "vignetting"])
+def test_light_ink_on_an_unevenly_lit_screen_is_boxed_where_the_digit_is(tmp_path, kind):
+    ink = four_ink()
+    screen = 1.0 - surface(kind)  # dark, brighter towards one side or the centre
+    found, inverted = load_ink(photograph(tmp_path, screen, ink, ink_level=0.97))
+    box = _ink_box(found)
+    assert not inverted and box is not None
+    assert np.abs(np.subtract(box[0], true_box(ink))).max() <= 3
+
+
+@pytest.mark.parametrize("kind", ["grey", "diagonal"])
+def test_faint_ink_on_grey_paper_is_found(tmp_path, kind):
+    """Pencil on grey paper: 0.12 darker than a sheet that is itself darker than mid-grey in places."""
+    ink = four_ink()
+    paper = np.full((SIZE, SIZE), 0.45, np.float32) if kind == "grey" else surface(kind) - 0.1
+    path = save_grey(tmp_path, paper - 0.12 * ink)
+    found, inverted = load_ink(path)
+    box = _ink_box(found)
+    assert inverted and box is not None
+    assert np.abs(np.subtract(box[0], true_box(ink))).max() <= 3
+    clean = prepare(photograph(tmp_path, surface("flat"), ink, 0.08, "clean.png"), "mnist").image
+    assert same_view(prepare(path, "mnist").image, clean)
+
+
+@pytest.mark.parametrize("kind", UNEVEN)
+def test_uneven_paper_with_nothing_drawn_is_blank(tmp_path, kind):
+    view = prepare(photograph(tmp_path, surface(kind), np.zeros((SIZE, SIZE), np.float32), 0.0), "mnist")
+    assert view.blank and not view.image.any()
+
+
+def test_a_stroke_through_the_border_does_not_bend_the_background(tmp_path):
+    """The band the paper is fitted to holds some ink here: those pixels are outliers, not paper."""
+    ink = four_ink()
+    ink[:, 150:170] = 1.0  # the upright runs off the top and bottom of the picture
+    found, _ = load_ink(photograph(tmp_path, surface("left-to-right"), ink, 0.08))
+    box = _ink_box(found)
+    assert box is not None and np.abs(np.subtract(box[0], true_box(ink))).max() <= 3
+
+
+def test_a_landscape_photo_on_uneven_paper_is_boxed_where_the_digit_is(tmp_path):
+    ink = np.zeros((200, 420), np.float32)
+    ink[:, 100:380] = four_ink(280)[40:240]  # the '4', on a sheet twice as wide as tall
+    paper = np.tile(np.linspace(0.9, 0.5, 420, dtype=np.float32), (200, 1))  # lit from the left
+    found, inverted = load_ink(photograph(tmp_path, paper, ink, 0.08))
+    box = _ink_box(found)
+    assert inverted and box is not None and np.abs(np.subtract(box[0], true_box(ink))).max() <= 3
+
+
+@pytest.mark.parametrize("side, flat", [(31, True), (32, False)])
+def test_pictures_under_32_pixels_take_the_borders_level_and_larger_ones_a_surface(tmp_path, side, flat):
+    """A 28x28 dataset image has no room for a fitted surface; from 32 px a gradient is paper, not ink."""
+    paper = np.tile(np.linspace(0.95, 0.6, side, dtype=np.float32), (side, 1))
+    ink = np.zeros((side, side), np.float32)
+    ink[10:20, 14:17] = 1.0
+    box = _ink_box(load_ink(photograph(tmp_path, paper, ink, 0.05))[0])
+    assert box is not None and (box[0][3] - box[0][2] > 6) == flat  # the darker side's paper counts as ink
+
+
+def test_a_sheet_of_faintly_textured_paper_is_blank(tmp_path):
+    noise = 0.98 + 0.02 * np.random.default_rng(0).random((200, 200), dtype=np.float32)
+    assert prepare(save_grey(tmp_path, noise), "mnist").blank
+
+
+@pytest.mark.parametrize("level, inverted", [(1.0, True), (0.0, False)])
+def test_a_blank_pictures_polarity_is_its_borders(tmp_path, level, inverted):
+    view = prepare(save_grey(tmp_path, np.full((40, 60), level, np.float32)), "mnist")
+    assert view.blank and view.inverted == inverted
+
+
+# ---- every picture mode and file guard ---------------------------------------------------------------
+
+def stroke(size: int = 64) -> np.ndarray:
+    """A plus sign off-centre: float32 (H, W), 1 where the ink is."""
+    ink = np.zeros((size, size), np.float32)
+    ink[10:40, 20:26] = 1.0
+    ink[22:28, 8:40] = 1.0
+    return ink
+
+
+def view_of(tmp_path, image: Image.Image, name: str = "pic.png", fmt: str | None = None):
+    image.save(tmp_path / name, format=fmt)
+    return prepare(tmp_path / name, "mnist")
+
+
+@pytest.fixture
+def reference(tmp_path) -> np.ndarray:
+    """The view of the plus sign drawn dark on white, as an 8-bit grey PNG."""
+    return view_of(tmp_path, Image.fromarray(np.uint8(255 - 255 * stroke())), "reference.png").image
+
+
+def transparent(colour: int) -> np.ndarray:
+    """(H, W, 2) grey+alpha: one colour everywhere, the ink only in the alpha."""
+    la = np.zeros((64, 64, 2), np.uint8)
+    la[..., 0] = colour
+    la[..., 1] = np.uint8(255 * stroke())
+    return la
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])  # PNG, JPEG and BMP carry no "PA": Pillow reads them as "P"
+@pytest.mark.parametrize("colour", [0, 255])
+def test_ink_in_the_alpha_channel_is_the_ink_whatever_its_colour(tmp_path, reference, mode, colour):
+    view = view_of(tmp_path, Image.fromarray(transparent(colour), "LA").convert(mode))
+    assert not view.blank and not view.inverted
+    assert np.abs(view.image.astype(int) - reference).max() <= 1
+
+
+def test_a_palette_picture_with_a_transparent_index_reads_its_alpha(tmp_path, reference):
+    picture = Image.fromarray(np.uint8(stroke()), "P")  # index 1 where the ink is, 0 elsewhere
+    picture.putpalette([90, 90, 90] * 2)  # both indices the same grey: only the transparency tells them apart
+    picture.info["transparency"] = 0
+    view = view_of(tmp_path, picture)
+    assert not view.blank and not view.inverted and np.abs(view.image.astype(int) - reference).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["P", "RGB", "RGBA", "L"])
+def test_an_opaque_picture_is_read_by_its_grey_levels(tmp_path, reference, mode):
+    picture = Image.fromarray(np.uint8(255 - 255 * stroke())).convert(mode)  # RGBA: alpha 255 everywhere
+    view = view_of(tmp_path, picture)
+    assert view.inverted and np.abs(view.image.astype(int) - reference).max() <= 1
+
+
+@pytest.mark.parametrize("alpha_range, alpha_is_ink", [(20, False), (21, True)])
+def test_an_alpha_that_barely_varies_is_not_the_ink(tmp_path, alpha_range, alpha_is_ink):
+    """Alpha varying by more than BLANK_INK (0.08 = 20.4/255) is the ink; less, and the colours are read."""
+    rgba = np.empty((64, 64, 4), np.uint8)
+    rgba[..., :3] = np.uint8(255 - 255 * stroke())[..., None]  # a dark stroke on white...
+    rgba[..., 3] = np.uint8(255 - alpha_range * (1 - stroke()))  # ...nearly opaque, a shade less off the stroke
+    view = view_of(tmp_path, Image.fromarray(rgba, "RGBA"))
+    assert view.inverted != alpha_is_ink and not view.blank
+
+
+@pytest.mark.parametrize("fmt, name", [("JPEG", "pic.jpg"), ("BMP", "pic.bmp")])
+def test_jpeg_and_bmp_pictures_are_read(tmp_path, reference, fmt, name):
+    view = view_of(tmp_path, Image.fromarray(np.uint8(255 - 255 * stroke())), name, fmt)
+    assert view.inverted and same_view(view.image, reference)
+
+
+@pytest.mark.parametrize("content", [b"GIF89a" + bytes(30), b"not a picture", b""])
+def test_files_that_are_not_png_jpeg_or_bmp_are_unreadable(tmp_path, content):
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(UnreadableImage, match=r"x.png: not a readable PNG, JPEG or BMP image \("):
+        load_ink(tmp_path / "x.png")
+
+
+def test_a_png_cut_short_is_unreadable(tmp_path):
+    Image.fromarray(np.uint8(255 * stroke())).save(tmp_path / "x.png")
+    data = (tmp_path / "x.png").read_bytes()
+    (tmp_path / "x.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableImage, match="not a readable PNG"):
+        load_ink(tmp_path / "x.png")
+
+
+def test_a_picture_of_exactly_the_pixel_limit_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 40 * 40)
+    view = view_of(tmp_path, Image.fromarray(np.uint8(255 * stroke(40))))
+    assert not view.blank
+
+
+def test_a_picture_over_the_limit_but_under_twice_it_is_refused_by_our_check(tmp_path, monkeypatch):
+    """Pillow only warns below twice its limit: the size check of our own must catch these."""
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 40 * 40)
+    Image.new("L", (41, 40), 255).save(tmp_path / "big.png")
+    with pytest.warns(Image.DecompressionBombWarning), \
+            pytest.raises(UnreadableImage, match=r"big.png: 41x40 is too large \(at most 1,600 pixels\)$"):
+        load_ink(tmp_path / "big.png")
+
+
+def test_a_picture_over_twice_the_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 40 * 40)
+    Image.new("L", (81, 40), 255).save(tmp_path / "bomb.png")
+    with pytest.raises(UnreadableImage, match=r"too large \(at most 1,600 pixels; refused before decoding\)$"):
+        load_ink(tmp_path / "bomb.png")
+
+
+# ---- the ink box and the 28x28 field -----------------------------------------------------------------
+
+def test_the_ink_box_is_the_inks_exact_edges_and_the_background_its_borders_level():
+    ink = np.full((30, 40), 0.3, np.float32)
+    ink[5:10, 7:13] = 1.0
+    assert _ink_box(ink) == ((5, 10, 7, 13), pytest.approx(0.3))
+
+
+@pytest.mark.parametrize("level, in_box", [(0.11, True), (0.09, False)])
+def test_a_fringe_joins_the_box_above_a_tenth_of_the_way_to_the_peak(level, in_box):
+    ink = np.full((30, 40), 0.3, np.float32)
+    ink[5:10, 7:13] = 1.0
+    ink[5:10, 13] = 0.3 + level * 0.7  # an anti-aliased column at the right edge
+    assert _ink_box(ink)[0][3] == (14 if in_box else 13)
+
+
+@pytest.mark.parametrize("pixels, blank", [(3, True), (4, False)])
+def test_fewer_than_four_pixels_of_ink_are_a_speck(pixels, blank):
+    ink = np.zeros((30, 30), np.float32)
+    ink[12, 10 : 10 + pixels] = 1.0
+    ink[20, 20] = 0.45  # a fainter mark, under half the peak, does not make the speck a drawing
+    assert (_ink_box(ink) is None) == blank
+
+
+@pytest.mark.parametrize("peak, blank", [(preprocess.BLANK_INK, False), (0.079, True)])
+def test_ink_must_rise_blank_ink_above_the_background(peak, blank):
+    ink = np.zeros((30, 30))  # float64: BLANK_INK itself, not its float32 neighbour below
+    ink[10:20, 10:20] = peak
+    image, is_blank = to_model_input(ink, "mnist")
+    assert is_blank == blank and image.any() != blank
+
+
+def test_the_view_is_full_scale_and_background_free_whatever_the_inks_level():
+    ink = np.full((60, 60), 0.2, np.float32)
+    ink[10:50, 10:50] = 0.5  # a hollow square of half-strength ink on a grey background
+    ink[20:40, 20:40] = 0.2
+    image, blank = to_model_input(ink, "digits")
+    assert not blank and image.max() == 255 and image[13, 13] == 0 and image[2, 2] == 0
+    assert image.dtype == np.uint8 and image.shape == (28, 28)
+
+
+@pytest.mark.parametrize("convention, side", [("mnist", 20), ("digits", 20), ("fashion", 28)])
+def test_a_wide_thin_stroke_keeps_its_longer_side_and_at_least_one_row(convention, side):
+    ink = np.zeros((50, 300), np.float32)
+    ink[25, 20:280] = 1.0  # one pixel tall: scaled by 20/260 it would round to no rows at all
+    image, blank = to_model_input(ink, convention)
+    rows, cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
+    assert not blank and len(rows) == 1 and cols[-1] - cols[0] + 1 == side
+    assert abs(rows[0] - 13.5) <= 0.5 and abs((cols[0] + cols[-1]) / 2 - 13.5) <= 0.5
+
+
+def test_mnist_centres_the_mass_and_digits_and_fashion_the_box():
+    ink = np.zeros((50, 50), np.float32)
+    ink[5:45, 5:9] = 1.0  # an upright on the left and a faint foot: the mass sits left of the box's centre
+    ink[41:45, 5:45] = 0.25
+    views = {c: to_model_input(ink, c)[0] for c in ("mnist", "digits", "fashion")}
+    assert np.abs(centre_of_mass(views["mnist"]) - 13.5).max() <= 0.6  # pasted by whole pixels
+    for convention, (first, last) in (("digits", (4, 23)), ("fashion", (0, 27))):
+        cols = np.flatnonzero(views[convention].any(0))
+        assert (cols[0], cols[-1]) == (first, last), convention
+
+
+def test_a_lopsided_mass_is_pasted_clipped_at_the_fields_edge():
+    ink = np.zeros((40, 40), np.float32)
+    ink[0:4, 0:40] = 1.0  # a heavy bar on top of a hairline stem: the mass sits near the top of the box
+    ink[4:40, 19] = 0.15
+    image, blank = to_model_input(ink, "mnist")
+    rows = np.flatnonzero(image.any(1))
+    assert not blank and rows[-1] == 27  # the stem runs off the bottom, cut, not wrapped or refused
+    assert 11 <= rows[0] <= 13 and image[rows[0]].max() == 255
+
+
+def test_resize_averages_the_area_each_output_pixel_covers():
+    checker = (np.indices((4, 4)).sum(0) % 2).astype(np.float32)
+    assert np.allclose(_resize(checker, 2, 2), 0.5, atol=1e-3)
+    assert _resize(np.full((4, 4), 3.0, np.float32), 2, 2).max() == pytest.approx(1.0)  # clipped to full scale
+
+
+def test_each_dataset_uses_its_own_recipe():
+    assert [convention_for(d) for d in ("mnist", "kmnist", "fashion-mnist", "digits", "custom")] == [
+        "mnist", "mnist", "fashion", "digits", "mnist"]
+
+
+def test_render_as_picture_draws_the_item_dark_on_white_at_40_to_90_percent():
+    item = np.zeros((28, 28), np.uint8)
+    item[4:24, 10:16] = 255
+    for seed in range(5):
+        picture = np.asarray(render_as_picture(item, np.random.default_rng(seed)))
+        assert picture.shape == (280, 280) and picture[0, 0] == 255 and picture.min() == 0
+        dark = picture < 128
+        rows, cols = np.flatnonzero(dark.any(1)), np.flatnonzero(dark.any(0))
+        assert 0.4 * 280 - 2 <= rows[-1] - rows[0] + 1 <= 0.9 * 280 + 2 and cols[-1] - cols[0] < rows[-1] - rows[0]
