@@ -5,7 +5,7 @@
 
 Each configuration trains one epoch as `mnistlab train ... --precision fp32` and `--precision bf16` in a fresh
 process and prints the median images/s of each and their ratio (above 1: bf16 is faster). `auto` picks bf16 only
-where this ratio has been measured above 1: CUDA GPUs with native bf16 (train.pick_precision).
+where this ratio has been measured above 1: CUDA GPUs with native bf16 (lifecycle.pick_precision).
 """
 
 from __future__ import annotations

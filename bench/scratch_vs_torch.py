@@ -69,7 +69,7 @@ def main() -> None:
 
     from mnistlab.data.batches import epoch_permutation
     from mnistlab.data.dataset import load_dataset
-    from mnistlab.train import tune_allocator
+    from mnistlab.run import tune_allocator
 
     tune_allocator()
     ds = load_dataset(args.dataset)

@@ -21,7 +21,7 @@ def probe_rate(name: str, batch: int, steps: int = 6) -> float:
     import torch.nn.functional as F
 
     from mnistlab.models import create_model
-    from mnistlab.train import tune_allocator
+    from mnistlab.run import tune_allocator
 
     tune_allocator()
     model = create_model(name).to(memory_format=torch.channels_last)

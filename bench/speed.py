@@ -26,7 +26,7 @@ def measure(name: str, steps: int, batch: int) -> dict:
     from mnistlab.config import RECIPES
     from mnistlab.models import create_model
     from mnistlab.models.flops import forward_flops
-    from mnistlab.train import tune_allocator
+    from mnistlab.run import tune_allocator
 
     tune_allocator()
     if name in RECIPES:

@@ -65,6 +65,13 @@ def opt(default: Any, help: str, kind: str = "str", *, choices: tuple[str, ...] 
 C = TypeVar("C", bound="FieldConfig")
 
 
+def model_label(model: str, model_kwargs: dict[str, Any]) -> str:
+    """A model as messages name it: `vit`, or `vit (depth=1, dim=32)` with the options it was given."""
+    if not model_kwargs:
+        return model
+    return f"{model} ({', '.join(f'{k}={v}' for k, v in sorted(model_kwargs.items()))})"
+
+
 class FieldConfig:
     """What every run config shares: each field checked against its declaration (opt), JSON in and out.
     A subclass is a dataclass of opt() fields; `problems` adds the checks that involve several fields."""

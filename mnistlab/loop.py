@@ -10,6 +10,10 @@ step_seed(seed, step) before each step (dropout, augmentation). So a checkpoint 
 optimizer state, the step and this epoch's running sums: a run killed at any moment and resumed from
 its last checkpoint ends bit-identical to an uninterrupted one (CPU, same thread count).
 
+What the loop needs of an engine is the `Engine` class below: a subclass sets its device and supplies
+the step, the validation and the checkpoint; the rest has one-process defaults that train.py's
+TorchEngine overrides under torchrun.
+
 Under torchrun (an engine with `distributed` set, train.py) each process returns its part of a step's
 loss and count; the pending steps are summed over the processes in one collective every 10 steps and at
 the epoch's end (`reduce_steps`), and a Ctrl-C is honoured at those points only, by every process at
@@ -22,10 +26,9 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from mnistlab.config import PretrainConfig, TrainConfig
-from mnistlab.data.batches import epoch_permutation
 from mnistlab.errors import UserError
 from mnistlab.run import RunFolder, StopFlag, epoch_summary, kill_point_for_tests, note, say
 
@@ -85,27 +88,44 @@ class TrainState:
         return cls(**{k: meta[k] for k in cls.__dataclass_fields__})
 
 
-class Engine(Protocol):
-    """What an engine gives the loop: its step, its validation, its checkpoint."""
+class Engine:
+    """Everything the loop reads of an engine. A subclass supplies `train_step`, `validate` and `save`; the
+    class attributes and the two collectives are the one-process defaults (TorchEngine sets its own)."""
 
-    device: Any  # where the epoch permutation lives
+    device: Any = "cpu"  # where the epoch permutation lives (a torch.device or its name)
+    command: str = "train"  # the subcommand that continues an interrupted run: `mnistlab <command> --resume`
+    resumable: bool = True  # False: its checkpoint holds weights only (the numpy engine)
+    distributed: bool = False  # True: several processes share each step (reduce_steps, any_rank)
 
     def train_step(self, idx: Any, step: int, lr: float) -> tuple[Any, Any]:
         """Apply one step on the training images `idx`; return (mean loss, number correct or None),
         unsynchronised."""
+        raise NotImplementedError
 
     def validate(self) -> tuple[float, float | None]:
         """(loss, accuracy or None) on the validation split."""
+        raise NotImplementedError
 
     def save(self, state: TrainState) -> None:
         """Write the checkpoint for `state` (atomically)."""
+        raise NotImplementedError
+
+    def reduce_steps(self, values: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """Pending steps' (loss, correct) summed over the processes (distributed engines only)."""
+        return values
+
+    def any_rank(self, flag: bool) -> bool:
+        """`flag` as every process sees it: under torchrun, true on all when true on any."""
+        return flag
 
 
 def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train: int, total_steps: int,
                     stop: StopFlag, progress: bool, run_path: Any) -> bool:
     """Run the steps left in the current epoch (all of them, or from a mid-epoch checkpoint); True when it
     stopped early for a Ctrl-C."""
-    together = getattr(engine, "distributed", False)  # torchrun: sums and stops agreed between processes
+    from mnistlab.data.batches import epoch_permutation  # torch: here, so that the numpy engine imports this freely
+
+    together = engine.distributed  # torchrun: sums and stops agreed between processes
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epoch = state.step // steps_per_epoch
     perm = epoch_permutation(n_train, cfg.seed, epoch, engine.device)
@@ -152,7 +172,7 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
                 if correct is not None:
                     shown["acc"] = f"{state.epoch_correct / state.epoch_seen:.2%}"
                 bar.set_postfix(**shown, img_s=f"{rate:,.0f}")
-        if (sync_point or not together) and _agreed(engine, stop.requested):
+        if (sync_point or not together) and engine.any_rank(stop.requested):
             stopped = True
             break
     if bar is not None:
@@ -162,12 +182,6 @@ def train_one_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, n_train:
     state.epoch_seconds += elapsed
     state.train_seconds += elapsed
     return stopped
-
-
-def _agreed(engine: Engine, flag: bool) -> bool:
-    """`flag` as every process sees it: under torchrun, true on all when true on any."""
-    any_rank = getattr(engine, "any_rank", None)
-    return any_rank(flag) if any_rank is not None else flag
 
 
 def end_of_epoch(cfg: LoopConfig, engine: Engine, state: TrainState, run: RunFolder, epoch: int, lr: float,
@@ -215,12 +229,12 @@ def fit(cfg: LoopConfig, engine: Engine, state: TrainState, run: RunFolder, n_tr
                 raise KeyboardInterrupt
             epoch = state.step // steps_per_epoch
             end_of_epoch(cfg, engine, state, run, epoch, get_lr(state.step - 1, total_steps, cfg), tensorboard)
-            if _agreed(engine, stop.requested):
+            if engine.any_rank(stop.requested):
                 note(f"interrupted at the end of epoch {epoch}; checkpoint saved. {_how_to_continue(engine, run)}")
                 raise KeyboardInterrupt
 
 
 def _how_to_continue(engine: Engine, run: RunFolder) -> str:
-    if getattr(engine, "resumable", True):
-        return f"Continue with: mnistlab {getattr(engine, 'command', 'train')} --resume {run.path}"
+    if engine.resumable:
+        return f"Continue with: mnistlab {engine.command} --resume {run.path}"
     return f"This engine does not resume; `mnistlab eval {run.path}` evaluates the saved weights."

@@ -40,7 +40,6 @@ targets add 1.1-1.4 points; a second decoder block is a tie that costs 22% of th
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -48,34 +47,29 @@ from typing import Any
 
 import torch
 
-from mnistlab.checkpoint import (
-    CHECKPOINT,
-    PRETRAIN_KIND,
-    Read,
-    read_checkpoint,
-    require_meta,
-)
-from mnistlab.config import PretrainConfig
+from mnistlab.checkpoint import PRETRAIN_KIND
+from mnistlab.config import PretrainConfig, model_label
 from mnistlab.data.batches import augment_batch, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
-from mnistlab.errors import UserError
-from mnistlab.loop import TrainState, fit, step_seed
-from mnistlab.models import create_model
-from mnistlab.models.flops import count_params
-from mnistlab.models.mae import MaskedImageModel, create_masked_model, hide, random_mask
-from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, say, tune_allocator
-from mnistlab.train import (
+from mnistlab.lifecycle import (
     apply_process_settings,
+    finished_results,
     make_optimizer,
     memory_errors_as_user_error,
     pick_device,
-    restore_run_checkpoint,
+    process_settings,
+    resume_config,
     save_run_checkpoint,
+    starting_state,
 )
+from mnistlab.loop import Engine, TrainState, fit, step_seed
+from mnistlab.models import create_model
+from mnistlab.models.flops import count_params
+from mnistlab.models.mae import MaskedImageModel, create_masked_model, hide, random_mask
+from mnistlab.run import ENV, RESULTS, RunFolder, duration_text, environment, note, plural, say
 
 VAL_MASK_SEED = 2021  # one fixed mask per validation image, the same every epoch and every run
 FIGURE_IMAGES = 8  # validation images in each reconstruction figure
-PRETRAIN_META = ("kind", "model", "model_kwargs", "in_chans", "method", "config", "mean", "std", "step")
 
 
 @dataclass(frozen=True)
@@ -108,7 +102,7 @@ def load_images(cfg: PretrainConfig) -> UnlabelledImages:
     return UnlabelledImages.of(ds)
 
 
-class PretrainEngine:
+class PretrainEngine(Engine):
     """One pre-training run's torch objects and its step; loop.fit drives it as it drives TorchEngine."""
 
     command = "pretrain"  # how the loop tells the user to continue an interrupted run
@@ -172,9 +166,6 @@ class PretrainEngine:
             self.draw_reconstructions(state.step // self.steps_per_epoch)
         save_run_checkpoint(self.run, self.model, self.optimizer, self.meta(), state)
 
-    def restore(self, read: Read) -> TrainState:
-        return restore_run_checkpoint(self.run, self.model, self.optimizer, read)
-
     def draw_reconstructions(self, epoch: int) -> None:
         """reconstructions/epoch_NNN.png: the first validation images, their fixed masks, the model's filling-in."""
         from mnistlab.plots import image_rows_figure, save_figure
@@ -194,73 +185,36 @@ class PretrainEngine:
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
     """Run the pre-training `cfg` describes, or resume the one in cfg.run_dir; return results.json's contents."""
-    tune_allocator()
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        if resume:
-            with RunFolder.open(cfg.run_dir) as run:
-                saved, read = resume_config(run)
-                saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
-                saved.threads = cfg.threads if cfg.threads is not None else saved.threads
-                apply_process_settings(saved)
-                return _resume(run, saved, read, progress)
-        apply_process_settings(cfg)
-        device = pick_device(cfg.device)
-        images = load_images(cfg)
-        cfg.dataset = images.name
-        with RunFolder.create(cfg.run_dir, images.name, f"{cfg.method}-{cfg.model}") as run:
-            cfg.run_dir = str(run.path)
-            engine = PretrainEngine(cfg, images, device, run)
-            run.write_config(cfg.to_json())
-            run.write_json(ENV, environment(str(device), images))
-            run.start_metrics()
-            note(f"run folder {run.path}\n{cfg.describe()}")
-            return _fit_and_finish(engine, TrainState(), progress)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+    with process_settings():
+        return _resume(cfg, progress) if resume else _start(cfg, progress)
 
 
-def resume_config(run: RunFolder) -> tuple[PretrainConfig, Read | None]:
-    """The run's config as its checkpoint records it; (config.json's, None) before the first checkpoint."""
-    ckpt = run.file(CHECKPOINT)
-    if not ckpt.is_file():
-        if not run.file(CONFIG).is_file():
-            raise UserError(f"--resume {run.path}: no checkpoint and no config.json there (not a run folder?)")
-        return PretrainConfig.load(run.file(CONFIG)), None
-    read = read_checkpoint(ckpt)
-    meta = read[1]
-    if meta.get("kind") != PRETRAIN_KIND:
-        raise UserError(f"--resume {run.path}: a training run, not a pre-training run; continue it with "
-                        f"`mnistlab train --resume {run.path}`")
-    require_meta(meta, PRETRAIN_META, ckpt)
-    saved = PretrainConfig.from_dict(meta["config"], source=f"{ckpt} (its config)")
-    if run.file(CONFIG).exists():
-        on_disk = PretrainConfig.load(run.file(CONFIG)).to_dict()
-        ignore = {"run_dir", "device", "threads"}  # where it runs, not what it computes
-        differ = [k for k, v in saved.to_dict().items() if k not in ignore and on_disk[k] != v]
-        if differ:
-            raise UserError(f"--resume {run.path}: config.json says {differ[0]}={on_disk[differ[0]]!r} but the "
-                            f"checkpoint was trained with {differ[0]}={saved.to_dict()[differ[0]]!r}; resume "
-                            "continues the run as it was: restore config.json, or start a new run")
-    return saved, read
-
-
-def _resume(run: RunFolder, cfg: PretrainConfig, read: Read | None, progress: bool | None) -> dict[str, Any]:
-    meta = read[1] if read is not None else None
-    if meta is not None and run.file(RESULTS).exists() and meta["step"] >= meta["total_steps"]:
-        say(f"{run.path} finished all {cfg.epochs} epochs; nothing to resume (results in {run.file(RESULTS)})")
-        return json.loads(run.file(RESULTS).read_text())
-    engine = PretrainEngine(cfg, load_images(cfg), pick_device(cfg.device), run)
-    if read is None:
-        state = TrainState()
+def _start(cfg: PretrainConfig, progress: bool | None) -> dict[str, Any]:
+    apply_process_settings(cfg)
+    device = pick_device(cfg.device)
+    images = load_images(cfg)
+    cfg.dataset = images.name
+    with RunFolder.create(cfg.run_dir, images.name, f"{cfg.method}-{cfg.model}") as run:
+        cfg.run_dir = str(run.path)
+        engine = PretrainEngine(cfg, images, device, run)
+        run.write_config(cfg.to_json())
+        run.write_json(ENV, environment(str(device), images))
         run.start_metrics()
-        note(f"{run.path} stopped before its first checkpoint; starting it again from step 0")
-    else:
-        state = engine.restore(read)
-        run.keep_metrics(state.step // engine.steps_per_epoch)
-        note(f"resuming {run.path} at step {state.step}/{engine.steps_per_epoch * cfg.epochs}")
-    return _fit_and_finish(engine, state, progress)
+        note(f"run folder {run.path}\n{cfg.describe()}")
+        return _fit_and_finish(engine, TrainState(), progress)
+
+
+def _resume(cfg: PretrainConfig, progress: bool | None) -> dict[str, Any]:
+    with RunFolder.open(cfg.run_dir) as run:
+        cfg, read = resume_config(run, cfg)
+        apply_process_settings(cfg)
+        results = finished_results(run, read, read[1]["total_steps"] if read is not None else math.inf, cfg.epochs)
+        if results is not None:
+            return results
+        engine = PretrainEngine(cfg, load_images(cfg), pick_device(cfg.device), run)
+        total_steps = engine.steps_per_epoch * cfg.epochs
+        state = starting_state(run, engine.model, engine.optimizer, read, engine.steps_per_epoch, total_steps)
+        return _fit_and_finish(engine, state, progress)
 
 
 def _fit_and_finish(engine: PretrainEngine, state: TrainState, progress: bool | None) -> dict[str, Any]:
@@ -268,9 +222,10 @@ def _fit_and_finish(engine: PretrainEngine, state: TrainState, progress: bool | 
     if engine.hflip != (cfg.hflip == "on"):
         note(f"--hflip auto: random left-right flips {'on' if engine.hflip else 'off'} for {images.name}")
     encoder_params = count_params(engine.model.encoder)
-    note(f"{images.summary()}\n{cfg.method} around {cfg.model} {cfg.model_kwargs}: {encoder_params:,} encoder "
-         f"parameters, {count_params(engine.model) - encoder_params:,} in the decoder, on {engine.device}, "
-         f"{torch.get_num_threads()} threads; {cfg.epochs} epochs of {engine.steps_per_epoch} steps")
+    note(f"{images.summary()}\n{cfg.method.upper()} around {model_label(cfg.model, cfg.model_kwargs)}: "
+         f"{encoder_params:,} encoder parameters, {count_params(engine.model) - encoder_params:,} in the decoder, on "
+         f"{engine.device}, {plural(torch.get_num_threads(), 'thread')}; {plural(cfg.epochs, 'epoch')} of "
+         f"{plural(engine.steps_per_epoch, 'step')}")
     fit(cfg, engine, state, run, len(images.train), sys.stderr.isatty() if progress is None else progress)
     records = run.read_metrics()
     results = dict(kind=PRETRAIN_KIND, dataset=images.name, model=cfg.model, model_kwargs=cfg.model_kwargs,
@@ -286,6 +241,6 @@ def _fit_and_finish(engine: PretrainEngine, state: TrainState, progress: bool | 
                 run.path / "reconstruction_loss.png")
     run.write_json(RESULTS, results)
     say(f"validation reconstruction loss {results['val_loss']:.4f} (epoch 1: {results['first_val_loss']:.4f}), "
-        f"{results['train_seconds'] / 60:.1f} min at {results['images_per_second']:,.0f} images/s; fine-tune with "
+        f"{duration_text(results['train_seconds'])} at {results['images_per_second']:,.0f} images/s; fine-tune with "
         f"`mnistlab train --model {cfg.model} --init {run.path}`")
     return results

@@ -2,15 +2,24 @@
 
     runs/<time>-<dataset>-<model>/
         .lock                    held (an OS file lock) by the one process writing this run
-        config.json              the TrainConfig (the checkpoint carries the same, and wins on resume)
+        config.json              the TrainConfig or PretrainConfig (the checkpoint carries the same, and
+                                 wins on resume)
         env.json                 provenance: versions, device, threads, git commit, data hashes
         metrics.jsonl            one record per finished epoch
         checkpoint.safetensors   weights, optimizer state, step (checkpoint.py)
-        results.json             at the end: test/val accuracy, seconds, parameters
+        results.json             at the end: accuracies (pre-training: losses), seconds, parameters
+        calibration.json         at the end of training: temperature and "unsure" threshold (calibration.py)
+        labelled_subset.json     with --labels-per-class: the labelled images' indices (data/subset.py)
+        grad_flow.jsonl          with --grad-flow: gradient norms per layer (gradflow.py)
+        tb/                      with --tensorboard: TensorBoard event files (tensorboard.py)
+        reconstructions/         pre-training: a figure per epoch, and reconstruction_loss.png (pretrain.py)
+        report.html              written later by `mnistlab report` (inspect/report.py)
 
 One writer: `RunFolder.open` takes an exclusive `flock` on `.lock` for the life of the process. The
 kernel drops it when the process dies, SIGKILL included, so a killed run never leaves a stale lock;
-a second training into a live run's folder is refused before it reads or writes anything. Output:
+a second training into a live run's folder is refused before it reads or writes anything. A new run
+that fails (an error, not a kill) before its first checkpoint leaves nothing behind: what it wrote
+goes, and the folder too when the run created it (a folder holding only `.lock` is no run). Output:
 the per-epoch lines and the final result go to stdout (so `mnistlab train > log` keeps them),
 progress bars, notes and warnings to stderr.
 """
@@ -21,6 +30,7 @@ import ctypes
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,10 +70,12 @@ class RunFolder:
     """A run folder held by this process (see the module docstring), or followed by one that does not write
     (the ranks after 0 of a distributed run: `follow`)."""
 
-    def __init__(self, path: Path, lock_fd: int | None, writes: bool = True) -> None:
+    def __init__(self, path: Path, lock_fd: int | None, writes: bool = True,
+                 new: tuple[bool, frozenset[str]] | None = None) -> None:
         self.path = path
         self._lock_fd = lock_fd
         self.writes = writes
+        self._new = new  # a run this process creates: (whether it made the folder, the names already there)
 
     @classmethod
     def follow(cls, run_dir: str | Path) -> RunFolder:
@@ -76,11 +88,13 @@ class RunFolder:
         if run_dir is None:
             return cls._create_default(dataset, model)
         path = Path(run_dir)
+        made = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
+            before = frozenset() if made else frozenset(p.name for p in path.iterdir())
         except OSError as e:
             raise UserError(f"--run-dir {path}: cannot create it ({e.strerror})") from None
-        run = cls(path, _lock(path))
+        run = cls(path, _lock(path), new=(made, before))
         if (path / CONFIG).exists() or any(path.glob("checkpoint*.safetensors")):
             run.close()
             raise UserError(f"{path} already holds a run; continue it with `mnistlab train --resume {path}` "
@@ -104,7 +118,7 @@ class RunFolder:
                 continue
             except OSError as e:
                 raise UserError(f"cannot create {path} ({e.strerror})") from None
-            return cls(path, _lock(path))
+            return cls(path, _lock(path), new=(True, frozenset()))
         raise UserError(f"runs/{stem}: too many runs started in the same second")
 
     @classmethod
@@ -131,8 +145,24 @@ class RunFolder:
     def __enter__(self) -> RunFolder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self._new is not None and self.writes and not self.file(CHECKPOINT).exists():
+            self._discard()
         self.close()
+
+    def _discard(self) -> None:
+        """Remove what this new run wrote, and its folder if it made it: it failed before its first checkpoint,
+        so there is nothing to resume or compare, and a half-made folder would trouble `mnistlab compare`."""
+        made, before = self._new
+        self.close()
+        try:
+            for p in self.path.iterdir():
+                if p.name not in before:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if made:
+                self.path.rmdir()
+        except OSError:  # never let the clean-up hide the error that ended the run
+            pass
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -203,6 +233,18 @@ def epoch_summary(record: dict[str, Any], epochs: int) -> str:
     return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}{train_acc}  "
             f"val loss {record['val_loss']:.4f}{val_acc}  {record['seconds']:.1f}s  "
             f"{record['images_per_second']:,.0f} img/s")
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 thread', '4 threads', '1,200 steps'."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds under a minute, minutes under an hour, then hours: '12.3 s', '4.5 min', '2.1 h'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def tune_allocator() -> None:

@@ -6,15 +6,17 @@
     mnistlab train --resume runs/<run>               # continue exactly where it stopped
     mnistlab train --model vit --init runs/<pretrain run> --labels-per-class 100   # fine-tune on 1,000 labels
 
-Read top to bottom: `train` opens the run folder (run.py), `TorchEngine` builds data, model and optimizer,
-`fit` (loop.py, shared with the numpy engine) runs the epochs, calling this engine's `train_step`
-(`get_batch`, forward, loss, backward, clip, step), `validate` and `save` (with --tensorboard, also
-tensorboard.py's writer at each epoch's end); `final_eval` writes results.json. Under torchrun the same
-code runs in every process (distributed.py): each trains on its share of the global batch through DDP,
-metrics and evaluations are summed over the processes, and rank 0 writes the folder. The training state is one
-object (loop.TrainState) that a checkpoint carries. --init starts the encoder from a pre-training run
-(`load_pretrained_encoder`), --freeze-encoder leaves only the head trainable, --labels-per-class trains
-on a seeded stratified subset (data/subset.py, which also says what an epoch is then).
+Read top to bottom: `TorchEngine` builds data, model and optimizer and does one step (`get_batch`, forward,
+loss, backward, clip, step), `validate` and `save`; `train` refuses what it can before any data or folder,
+loads the data, opens the run folder (run.py) and hands the engine to `fit` (loop.py, shared with the numpy
+engine and pre-training), which runs the epochs (with --tensorboard, tensorboard.py's writer records each
+epoch's end); `final_eval` writes results.json. What a run shares with pre-training (device, precision,
+optimizer, the out-of-memory guard, process settings, checkpoint save and restore, resume) is lifecycle.py.
+Under torchrun the same code runs in every process (distributed.py): each trains on its share of the global
+batch through DDP, metrics and evaluations are summed over the processes, and rank 0 writes the folder. The
+training state is one object (loop.TrainState) that a checkpoint carries. --init starts the encoder from a
+pre-training run (`load_pretrained_encoder`), --freeze-encoder leaves only the head trainable,
+--labels-per-class trains on a seeded stratified subset (data/subset.py, which also says what an epoch is then).
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,153 +32,48 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab import distributed, gradflow
-from mnistlab.checkpoint import (
-    CHECKPOINT,
-    PRETRAIN_KIND,
-    RUN_META,
-    NonFiniteCheckpoint,
-    Read,
-    load_into,
-    prefixed,
-    read_checkpoint,
-    require_meta,
-    save_checkpoint,
-)
-from mnistlab.config import PretrainConfig, TrainConfig
+from mnistlab.checkpoint import CHECKPOINT, PRETRAIN_KIND, RUN_META, Read, prefixed, read_checkpoint, require_meta
+from mnistlab.config import TrainConfig, model_label
 from mnistlab.data.batches import augment_batch, random_erase, shifted_crops, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
 from mnistlab.data.subset import SUBSET_FILE, with_labelled_subset
 from mnistlab.errors import UserError
 from mnistlab.evaluate import EvalResult, evaluate
-from mnistlab.loop import TrainingDiverged, TrainState, fit, step_seed
+from mnistlab.lifecycle import (
+    apply_process_settings,
+    finished_results,
+    make_optimizer,
+    memory_errors_as_user_error,
+    pick_device,
+    pick_precision,
+    process_settings,
+    resume_config,
+    run_folder,
+    save_run_checkpoint,
+    starting_state,
+)
+from mnistlab.loop import Engine, TrainingDiverged, TrainState, fit, step_seed
 from mnistlab.models import create_model
 from mnistlab.models.flops import count_params
-from mnistlab.run import (
-    CONFIG,
-    ENV,
-    RESULTS,
-    RunFolder,
-    cap_threads,
-    environment,
-    note,
-    say,
-    tune_allocator,
-)
+from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, plural
 from mnistlab.tensorboard import TB_DIR, TensorBoardLog, require_tensorboard
 
 MAX_SHIFT = 2  # --augment shift moves images by up to this many pixels
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (try --device auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: Apple's MPS backend is not available (try --device auto)")
-    return torch.device(name)
+class TorchEngine(Engine):
+    """One training run's torch objects and its step; the loop (loop.fit) drives it. A context manager: leaving
+    it closes the TensorBoard writer and drops the DDP wrapper (before the process group goes)."""
 
-
-def pick_precision(name: str, device: torch.device) -> str:
-    """fp32 or bf16 for --precision `name` on `device`.
-
-    auto: bf16 autocast where the hardware computes bf16 natively and it measured faster than fp32, from what
-    the hardware reports (`bf16_is_fast`); fp32 elsewhere. The default is fp32, PyTorch's, so that every
-    published number reproduces bit for bit; auto is asked for."""
-    if name == "fp32":
-        return "fp32"
-    if device.type == "mps":
-        if name == "auto":
-            return "fp32"
-        raise UserError("--precision bf16: not on Apple's MPS backend; use --precision fp32")
-    if name == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not compute bf16 natively; "
-                        "use --precision fp32")
-    return "bf16"
-
-
-def bf16_is_fast(device: torch.device, cpuinfo: str | None = None) -> bool:
-    """The rule behind --precision auto (measurements: docs/distributed.md, bench/precision.py).
-
-    CUDA: compute capability 8.0 or newer (Ampere, Hopper and later have bf16 tensor cores).
-    CPU: AMX-BF16 (Intel's matrix unit for bf16; not measured here, its purpose), or an AMD CPU with
-    AVX512_BF16 (Zen 4 and later: bf16 autocast trained 1.12-1.57x faster than fp32). An Intel CPU with
-    AVX512_BF16 but no AMX measured 0.70-0.80x and an AVX2 CPU 0.25x: fp32 there."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu":
-        return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags: set[str] = set()
-    vendor = ""
-    for line in cpuinfo.splitlines():
-        if line.startswith("vendor_id") and not vendor:
-            vendor = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    return "amx_bf16" in flags or (vendor == "AuthenticAMD" and "avx512_bf16" in flags)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters (a frozen encoder's are not the optimizer's)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # No weight decay on biases and norm parameters: decaying them only fights BatchNorm.
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    # fused: one kernel updates every parameter instead of a handful of ops per tensor (it matters for the ViT,
-    # whose step is many small ops). CPU and CUDA have fused kernels. Resume keeps the optimizer state in each
-    # weight's memory layout, which the fused kernels rely on (checkpoint.py).
-    fused = True if all(p.device.type in ("cpu", "cuda") for p in model.parameters()) else None
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, fused=fused)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
-
-
-def save_run_checkpoint(run: RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        meta: dict[str, Any], state: TrainState) -> None:
-    """An engine's checkpoint: weights, optimizer and TrainState; non-finite weights stop the run (exit 1)."""
-    try:
-        save_checkpoint(run.file(CHECKPOINT), model, dict(meta, **state.to_meta()), optimizer)
-    except NonFiniteCheckpoint as e:
-        raise TrainingDiverged(f"the weights became non-finite by step {state.step} ({e}); the last "
-                               f"checkpoint (if any) is intact in {run.path}") from None
-
-
-def restore_run_checkpoint(run: RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           read: Read) -> TrainState:
-    """Weights, optimizer state and TrainState from a run's checkpoint, as read_checkpoint read it."""
-    meta, _ = load_into(run.file(CHECKPOINT), model, optimizer, read=read)
-    return TrainState.from_meta(meta)
-
-
-class TorchEngine:
-    """One training run's torch objects and its step; the loop (loop.fit) drives it."""
-
-    def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device, run: RunFolder) -> None:
+    def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device, run: RunFolder,
+                 first_step: int = 0) -> None:
         self.cfg, self.ds, self.device, self.run = cfg, ds, device, run
         self.world = distributed.world()
+        self.distributed = self.world.distributed  # the loop sums running metrics over ranks (reduce_steps)
         self.precision = pick_precision(cfg.precision, device)
         self.train_x, self.train_y = ds.train_images.to(device), ds.train_labels.to(device)
         self.val_x, self.val_y = ds.val_images.to(device), ds.val_labels.to(device)
-        torch.manual_seed(cfg.seed)  # the initial weights
-        model = create_model(cfg.model, in_chans=1, num_classes=ds.num_classes, **cfg.model_kwargs).to(device)
-        self.model = model.to(memory_format=torch.channels_last)  # faster convs on CPU and GPU; no-op for 2-D
-        if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(name.startswith("head."))
-        if cfg.sync_bn and self.distributed:  # same parameter names: checkpoints load into plain BatchNorm
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self._build_model()
         self.optimizer = make_optimizer(self.model, cfg)
         # what the training step calls: DDP under torchrun, compiled with --compile; self.model stays the bare
         # module that checkpoints, evaluation and the figures use
@@ -191,18 +86,52 @@ class TorchEngine:
         self.background = (0.0 - ds.mean) / ds.std  # normalised value of a black pixel
         # shifts: every image with MAX_SHIFT black pixels around it, once, so a shifted image is a window of it
         self.padded_x = F.pad(self.train_x, (MAX_SHIFT,) * 4) if cfg.augment == "shift" else None  # (N, H+4, W+4)
-        self.flow_steps: set[int] = set()
-        self.tensorboard: TensorBoardLog | None = None
-        self.tensorboard_grad_steps: set[int] = set()  # the last step of each epoch, with --tensorboard
+        self.steps_per_epoch = math.ceil(len(ds.train_labels) / cfg.batch_size)
+        self.flow_steps, self.tensorboard, self.tensorboard_grad_steps = self._diagnostics(first_step)
         self.model.train()
+
+    def _build_model(self) -> torch.nn.Module:
+        """The seeded initial weights, in channels-last (faster convs on CPU and GPU; a no-op for 2-D tensors)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, in_chans=1, num_classes=self.ds.num_classes, **cfg.model_kwargs)
+        model = model.to(self.device).to(memory_format=torch.channels_last)
+        if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("head."))
+        if cfg.sync_bn and self.distributed:  # same parameter names: checkpoints load into plain BatchNorm
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def _diagnostics(self, first_step: int) -> tuple[set[int], TensorBoardLog | None, set[int]]:
+        """--grad-flow's steps; --tensorboard's writer and the steps whose gradients it keeps (the last of each
+        epoch). Rank 0 only. A run resumed at `first_step` drops the records, and hides the events, it redoes."""
+        cfg, ds = self.cfg, self.ds
+        epoch_ends = {e * self.steps_per_epoch - 1 for e in range(1, cfg.epochs + 1)}
+        flow_steps: set[int] = set()
+        if cfg.grad_flow and self.run.writes:
+            flow_steps = set(cfg.grad_flow_steps) if cfg.grad_flow_steps is not None else {0, *epoch_ends}
+            gradflow.keep_before(self.run.path, first_step)
+        if not (cfg.tensorboard and self.run.writes):
+            return flow_steps, None, set()
+        log = TensorBoardLog(self.run.path, self.model, ds.val_images, ds.val_labels, ds.classes, ds.mean, ds.std,
+                             purge_step=first_step + 1)
+        return flow_steps, log, epoch_ends
+
+    def __enter__(self) -> TorchEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self.net = None  # the DDP wrapper holds the process group, which distributed.stop tears down
 
     def meta(self) -> dict[str, Any]:
         """What the checkpoint's header carries besides the training state: enough to rebuild the model alone."""
         cfg, ds = self.cfg, self.ds
-        total_steps = math.ceil(len(ds.train_labels) / cfg.batch_size) * cfg.epochs
         return dict(model=cfg.model, model_kwargs=cfg.model_kwargs, in_chans=1, num_classes=ds.num_classes,
                     classes=list(ds.classes), mean=ds.mean, std=ds.std, config=cfg.to_dict(),
-                    hflip_tta=self.tta, shift_tta=self.shift_tta, total_steps=total_steps)
+                    hflip_tta=self.tta, shift_tta=self.shift_tta, total_steps=self.steps_per_epoch * cfg.epochs)
 
     def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised, augmented images (B, 1, H, W) and labels (B,) of training indices `idx`."""
@@ -212,11 +141,6 @@ class TorchEngine:
             x = augment_batch(to_input(self.train_x[idx], self.ds.mean, self.ds.std), self.cfg.augment,
                               self.background, hflip=self.hflip)
         return random_erase(x, self.cfg.erase, self.background), self.train_y[idx]
-
-    @property
-    def distributed(self) -> bool:
-        """Under torchrun with more than one process: the loop sums its running metrics over ranks (reduce_steps)."""
-        return self.world.distributed
 
     def autocast(self, enabled: bool = True) -> torch.autocast:
         """bf16 autocast with --precision bf16 (and `enabled`); a no-op context in fp32."""
@@ -312,33 +236,35 @@ class TorchEngine:
         if diverged is not None:
             raise diverged
 
-    def restore(self, read: Read) -> TrainState:
-        """Weights, optimizer state and training state from this run's checkpoint, as read_checkpoint read it."""
-        return restore_run_checkpoint(self.run, self.model, self.optimizer, read)
-
-    def start_from_init(self) -> dict[str, Any]:
+    def start_from_init(self, init: Read) -> dict[str, Any]:
         """Step 0 of an --init run: the pre-trained encoder's weights; returns what env.json records of them."""
-        return load_pretrained_encoder(self.model, self.cfg, self.ds.name)
+        return load_pretrained_encoder(self.model, self.cfg, self.ds.name, init)
 
 
-def load_pretrained_encoder(model: torch.nn.Module, cfg: TrainConfig, dataset: str) -> dict[str, Any]:
-    """Copy the encoder of the pre-training run `cfg.init` into `model`, every weight but the head's.
-
-    Refused in one line: a folder that is not a pre-training run, another model, or the same model with options
-    that give other weights (patch, dim, depth, heads, mlp_ratio, pool); options that only change the
-    computation (dropout) may differ. Returns the provenance env.json keeps: where, which weights (the sha256
-    of the checkpoint's tensors), how they were pre-trained."""
+def read_init(cfg: TrainConfig) -> Read:
+    """The checkpoint of the pre-training run `cfg.init`, checked before any data is loaded or folder made: a
+    finished `mnistlab pretrain` run whose encoder fits the model this run builds."""
     ckpt = Path(cfg.init) / CHECKPOINT
     if not ckpt.is_file():
         raise UserError(f"--init {cfg.init}: no {CHECKPOINT} there (not a `mnistlab pretrain` run folder, or one "
                         "that never finished an epoch)")
-    tensors, meta = read_checkpoint(ckpt)
+    read = read_checkpoint(ckpt)
+    meta = read[1]
     if meta.get("kind") != PRETRAIN_KIND:
         raise UserError(f"--init {cfg.init}: a training run, not a `mnistlab pretrain` run (--init takes the encoder "
                         "of a pre-training run)")
-    theirs = f"{meta['model']} {json.dumps(meta['model_kwargs'], sort_keys=True)}"
-    ours = f"{cfg.model} {json.dumps(cfg.model_kwargs, sort_keys=True)}"
-    encoder = {k.removeprefix("encoder."): v for k, v in prefixed(tensors, "model").items() if k.startswith("encoder.")}
+    if not (Path(cfg.init) / RESULTS).is_file():
+        raise UserError(f"--init {cfg.init}: its pre-training stopped at step {meta.get('step')} of "
+                        f"{meta.get('total_steps')}; finish it first with `mnistlab pretrain --resume {cfg.init}`")
+    _check_encoder_fits(create_model(cfg.model, in_chans=1, num_classes=1, **cfg.model_kwargs), cfg, read)
+    return read
+
+
+def _check_encoder_fits(model: torch.nn.Module, cfg: TrainConfig, read: Read) -> None:
+    """Refuse in one line another model, or the same model with options that give other weights (patch, dim,
+    depth, heads, mlp_ratio, pool); options that only change the computation (dropout) may differ."""
+    tensors, meta = read
+    encoder = _encoder_weights(tensors)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     if meta["model"] != cfg.model:
         problem = f"train --model {meta['model']}"
@@ -348,10 +274,27 @@ def load_pretrained_encoder(model: torch.nn.Module, cfg: TrainConfig, dataset: s
         problem = next((f"{k} is {tuple(encoder[k].shape)} there, {tuple(own[k].shape)} here" for k in own
                         if own[k].shape != encoder[k].shape), None)
     if problem is not None:
-        raise UserError(f"--init {cfg.init}: its encoder is {theirs}, this run builds {ours}; they do not match "
+        raise UserError(f"--init {cfg.init}: its encoder is {model_label(meta['model'], meta['model_kwargs'])}, "
+                        f"this run builds {model_label(cfg.model, cfg.model_kwargs)}; they do not match "
                         f"({problem}): give the pre-training's --model and --model-arg values")
-    for k, v in own.items():
-        v.copy_(encoder[k])  # in place: the model's own memory layout (channels-last) stays
+
+
+def _encoder_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A pre-training checkpoint's encoder weights, named as in the model they go into."""
+    return {k.removeprefix("encoder."): v for k, v in prefixed(tensors, "model").items() if k.startswith("encoder.")}
+
+
+def load_pretrained_encoder(model: torch.nn.Module, cfg: TrainConfig, dataset: str,
+                            init: Read | None = None) -> dict[str, Any]:
+    """Copy the encoder of the pre-training run `cfg.init` into `model`, every weight but the head's (`init`: its
+    checkpoint as read_init returned it). Returns the provenance env.json keeps: where, which weights (the
+    sha256 of the checkpoint's tensors), how they were pre-trained."""
+    tensors, meta = init if init is not None else read_init(cfg)
+    _check_encoder_fits(model, cfg, (tensors, meta))
+    encoder = _encoder_weights(tensors)
+    for k, v in model.state_dict().items():
+        if not k.startswith("head."):
+            v.copy_(encoder[k])  # in place: the model's own memory layout (channels-last) stays
     if meta.get("dataset") not in (None, dataset):
         note(f"--init: the encoder was pre-trained on {meta['dataset']}; this run trains on {dataset}")
     return dict(init=str(Path(cfg.init).resolve()), init_payload_sha256=meta["payload_sha256"],
@@ -365,30 +308,6 @@ def load_training_data(cfg: TrainConfig) -> tuple[Dataset, dict[str, Any] | None
     if cfg.labels_per_class is None:
         return ds, None
     return with_labelled_subset(ds, cfg.labels_per_class, cfg.seed)
-
-
-def is_out_of_memory(err: Exception) -> bool:
-    """torch's OOM on CUDA, or the CPU allocator's message (a plain RuntimeError)."""
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or any(
-        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory"))
-
-
-def out_of_memory(batch: int, flag: str, device: torch.device, err: Exception) -> UserError:
-    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return UserError(f"a batch of {batch} images does not fit in memory on {device} ({first}); "
-                     f"try a smaller {flag}")
-
-
-@contextmanager
-def memory_errors_as_user_error(batch: int, flag: str, device: torch.device) -> Iterator[None]:
-    """Running out of memory inside the block becomes one line naming the flag to lower (other errors pass)."""
-    try:
-        yield
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise out_of_memory(batch, flag, device, e) from None
 
 
 def final_eval(engine: TorchEngine, state: TrainState) -> dict[str, Any]:
@@ -411,71 +330,144 @@ def final_eval(engine: TorchEngine, state: TrainState) -> dict[str, Any]:
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
     """Run the training described by `cfg`, or resume the run in cfg.run_dir (with the configuration its
     checkpoint records; only cfg.device and cfg.threads, when set, apply); return results.json's contents."""
-    tune_allocator()
-    # thread count and determinism are process-wide: set them for this run, restore them after
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    benchmark = torch.backends.cudnn.benchmark
-    try:
+    with process_settings():
         if not resume and distributed.restart_count() > 0 and _begun_by_this_torchrun(cfg.run_dir):
             # torchrun restarted the group with the same arguments: continue the run the first attempt began
             cfg = TrainConfig(run_dir=cfg.run_dir, threads=cfg.threads, device=cfg.device)
             resume = True
-        if resume:
-            # the process group first (who is rank 0 decides who opens the folder), on the device trained on
-            _, device_name = distributed.start(cfg.device or _saved_device(cfg.run_dir))
-            with _run_folder(lambda: RunFolder.open(cfg.run_dir)) as run:
-                saved, read = resume_config(run)
-                if saved.tensorboard:
-                    require_tensorboard()
-                # the device as named (config.json keeps "cuda", never torchrun's "cuda:<local rank>")
-                saved.run_dir, saved.device = str(run.path), cfg.device or saved.device
-                saved.threads = cfg.threads if cfg.threads is not None else saved.threads
-                apply_process_settings(saved)
-                if distributed.restart_count() > 0:
-                    note(f"torchrun restart {distributed.restart_count()}: resuming {run.path}")
-                # one process: the device the checkpoint records (or --device); torchrun: this rank's device
-                device = pick_device(device_name if distributed.world().distributed else saved.device)
-                results = _resume(run, saved, read, device, progress)
-            distributed.stop()
-            return results
-        if cfg.tensorboard:
-            require_tensorboard()  # before the data and the run folder
-        if distributed.may_restart() and cfg.run_dir is None:
-            raise UserError("under torchrun --max-restarts, give --run-dir: a restarted group finds its run there "
-                            "and resumes it")
-        apply_process_settings(cfg)
-        world, device_name = distributed.start(cfg.device)
-        device = pick_device(device_name)
-        if device.type == "cuda" and not cfg.deterministic:  # fixed shapes: cuDNN times its algorithms once
-            torch.backends.cudnn.benchmark = True
-        if cfg.sync_bn and device.type != "cuda":
-            raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs only on CUDA; on the CPU each process "
-                            "normalises with the batch statistics of its own share (the default, without --sync-bn)")
-        pick_precision(cfg.precision, device)  # refused here, before any data
-        ds, subset = distributed.main_first(lambda: load_training_data(cfg))
-        cfg.dataset = ds.name
-        if cfg.init is not None:
-            cfg.init = str(Path(cfg.init).resolve())  # config.json must name it from any working directory
-        with _run_folder(lambda: RunFolder.create(cfg.run_dir, ds.name, cfg.model)) as run:
-            cfg.run_dir = str(run.path)
-            engine = TorchEngine(cfg, ds, device, run)
-            init = engine.start_from_init() if cfg.init is not None else {}
+        return _resume(cfg, progress) if resume else _start(cfg, progress)
+
+
+def _start(cfg: TrainConfig, progress: bool | None) -> dict[str, Any]:
+    """A new run. What can be refused is refused before any data is loaded and before the run folder exists."""
+    if cfg.tensorboard:
+        require_tensorboard()
+    if distributed.may_restart() and cfg.run_dir is None:
+        raise UserError("under torchrun --max-restarts, give --run-dir: a restarted group finds its run there "
+                        "and resumes it")
+    apply_process_settings(cfg)
+    _, device_name = distributed.start(cfg.device)
+    device = pick_device(device_name)
+    if device.type == "cuda" and not cfg.deterministic:  # fixed shapes: cuDNN times its algorithms once
+        torch.backends.cudnn.benchmark = True
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs only on CUDA; on the CPU each process "
+                        "normalises with the batch statistics of its own share (the default, without --sync-bn)")
+    pick_precision(cfg.precision, device)
+    init = None
+    if cfg.init is not None:
+        cfg.init = str(Path(cfg.init).resolve())  # config.json must name it from any working directory
+        init = read_init(cfg)
+    ds, subset = distributed.main_first(lambda: load_training_data(cfg))
+    cfg.dataset = ds.name
+    with run_folder(lambda: RunFolder.create(cfg.run_dir, ds.name, cfg.model)) as run:
+        cfg.run_dir = str(run.path)
+        with TorchEngine(cfg, ds, device, run) as engine:
+            provenance = engine.start_from_init(init) if init is not None else {}
             run.write_config(cfg.to_json())
-            run.write_json(ENV, environment(str(device), ds, **init, **_world_record(engine)))
+            run.write_json(ENV, environment(str(device), ds, **provenance, **_world_record(engine)))
             if subset is not None:
                 run.write_json(SUBSET_FILE, subset)
             run.start_metrics()
             note(f"run folder {run.path}\n{cfg.describe()}")
-            results = _fit_and_finish(engine, TrainState(), progress)
-        distributed.stop()
+            return _fit_and_finish(engine, TrainState(), progress)
+
+
+def _resume(cfg: TrainConfig, progress: bool | None) -> dict[str, Any]:
+    """Continue the run in cfg.run_dir with the configuration its checkpoint records."""
+    # the process group first (who is rank 0 decides who opens the folder), on the device trained on
+    _, device_name = distributed.start(cfg.device or _saved_device(cfg.run_dir))
+    with run_folder(lambda: RunFolder.open(cfg.run_dir)) as run:
+        saved, read = resume_config(run, cfg)
+        if saved.tensorboard:
+            require_tensorboard()
+        apply_process_settings(saved)
+        if distributed.restart_count() > 0:
+            note(f"torchrun restart {distributed.restart_count()}: resuming {run.path}")
+        # one process: the device the checkpoint records (or --device); torchrun: this rank's device
+        device = pick_device(device_name if distributed.world().distributed else saved.device)
+        return _continue(run, saved, read, device, progress)
+
+
+def _continue(run: RunFolder, cfg: TrainConfig, read: Read | None, device: torch.device,
+              progress: bool | None) -> dict[str, Any]:
+    """The resumed run from its checkpoint (`read`), or from step 0 when it stopped before its first one."""
+    recorded_total = read[1].get("total_steps", math.inf) if read is not None else math.inf
+    results = finished_results(run, read, recorded_total, cfg.epochs)
+    if results is not None:
+        return results  # before loading any data: a finished run needs nothing, not even the network
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError(f"--resume {run.path}: trained with --sync-bn, which runs only on CUDA")
+    ds, subset = distributed.main_first(lambda: load_training_data(cfg))
+    steps_per_epoch = math.ceil(len(ds.train_labels) / cfg.batch_size)
+    results = finished_results(run, read, steps_per_epoch * cfg.epochs, cfg.epochs)
+    if results is not None:
         return results
-    except BaseException:
-        distributed.stop(finished=False)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-        torch.backends.cudnn.benchmark = benchmark
+    if not run.file(CONFIG).exists():
+        run.write_config(cfg.to_json())
+    if subset is not None and not run.file(SUBSET_FILE).exists():
+        run.write_json(SUBSET_FILE, subset)
+    with TorchEngine(cfg, ds, device, run, first_step=read[1]["step"] if read is not None else 0) as engine:
+        if read is None and cfg.init is not None:  # killed before its first checkpoint: step 0 is exact
+            engine.start_from_init(read_init(cfg))
+        state = starting_state(run, engine.model, engine.optimizer, read, steps_per_epoch,
+                               steps_per_epoch * cfg.epochs)
+        return _fit_and_finish(engine, state, progress)
+
+
+def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | None) -> dict[str, Any]:
+    """The epochs from `state` to the last step, then the final evaluation: results.json."""
+    cfg, ds, run = engine.cfg, engine.ds, engine.run
+    _describe(engine)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    fit(cfg, engine, state, run, len(ds.train_labels), progress and distributed.is_main(), engine.tensorboard)
+    results = final_eval(engine, state)
+    run.write_results(results)
+    return results
+
+
+def _describe(engine: TorchEngine) -> None:
+    """The notes a run starts with (stderr): what it trains, on what, and how."""
+    cfg, ds, run = engine.cfg, engine.ds, engine.run
+    if engine.hflip != (cfg.hflip == "on"):
+        note(f"--hflip auto: random left-right flips {'on' if engine.hflip else 'off'} for {ds.name}")
+    if engine.tta:
+        note("evaluating each image and its mirror image (--tta)")
+    if engine.shift_tta:
+        note("final evaluation also over each image moved 1 pixel in 8 directions (--tta-shifts); "
+             "per-epoch validation without, to save time")
+    if engine.distributed:
+        note(torchrun_note(engine.world, cfg, engine.model))
+    if engine.precision != "fp32":
+        note(f"--precision {cfg.precision}: bf16 autocast on {engine.device}")
+    note(f"{ds.summary()}\nmodel {cfg.model}: {count_params(engine.model):,} parameters on {engine.device}, "
+         f"{plural(torch.get_num_threads(), 'thread')}; {plural(cfg.epochs, 'epoch')} of "
+         f"{plural(engine.steps_per_epoch, 'step')}")
+    if cfg.labels_per_class is not None:
+        note(labelled_subset_note(cfg, ds.num_classes, len(ds.train_labels), run.file(SUBSET_FILE)))
+    if cfg.init is not None:
+        trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
+        note(f"--init {cfg.init}: the pre-trained encoder" + (f", frozen: {trainable:,} trainable parameters (the "
+                                                              "head)" if cfg.freeze_encoder else ""))
+    if engine.tensorboard is not None:
+        note(f"TensorBoard logs in {run.file(TB_DIR)}: tensorboard --logdir {run.path.parent}")
+
+
+def torchrun_note(world: distributed.World, cfg: TrainConfig, model: torch.nn.Module) -> str:
+    """How the processes share the work; BatchNorm's statistics only for a model that has BatchNorm."""
+    text = (f"torchrun: {world.size} processes ({world.backend}), each training on about "
+            f"{cfg.batch_size // world.size} images of each global batch of {cfg.batch_size}")
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        text += f"; BatchNorm statistics {'over the global batch (--sync-bn)' if cfg.sync_bn else 'per process'}"
+    return text
+
+
+def labelled_subset_note(cfg: TrainConfig, num_classes: int, shown: int, subset_file: Path) -> str:
+    """What --labels-per-class trains on, saying why the training split above counts more images than that."""
+    n = cfg.labels_per_class * num_classes
+    return (f"--labels-per-class {cfg.labels_per_class}: {n:,} labelled training images (seed {cfg.seed}), each "
+            f"shown {shown // n} times an epoch (the {shown:,} training images above); indices in {subset_file}")
 
 
 def _begun_by_this_torchrun(run_dir: str | None) -> bool:
@@ -498,14 +490,6 @@ def _saved_device(run_dir: str | None) -> str:
         return "auto"
 
 
-def _run_folder(make: Callable[[], RunFolder]) -> RunFolder:
-    """This process's view of the run folder: rank 0 makes it (creates or opens it, and holds its lock), the
-    other ranks of a torchrun group follow the folder it made, without writing."""
-    run = distributed.main_first(make, lambda: None)
-    path = distributed.share_text(str(run.path) if run is not None else None)
-    return run if run is not None else RunFolder.follow(path)
-
-
 def _world_record(engine: TorchEngine) -> dict[str, Any]:
     """What env.json records of the processes and the arithmetic."""
     w = engine.world
@@ -516,144 +500,6 @@ def _world_record(engine: TorchEngine) -> dict[str, Any]:
         record.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
                       cudnn_benchmark=torch.backends.cudnn.benchmark)
     return record
-
-
-def apply_process_settings(cfg: TrainConfig | PretrainConfig) -> None:
-    """Thread count (capped at the cores) and deterministic kernels, process-wide, as `cfg` asks."""
-    cfg.threads = cap_threads(cfg.threads)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-
-
-def resume_config(run: RunFolder) -> tuple[TrainConfig, Read | None]:
-    """The run's config as its checkpoint records it (a config.json that disagrees is refused), and the
-    checkpoint as read (tensors, meta); (config.json's config, None) for a run stopped before its first
-    checkpoint."""
-    ckpt = run.file(CHECKPOINT)
-    if not ckpt.is_file():
-        if not run.file(CONFIG).is_file():
-            raise UserError(f"--resume {run.path}: no checkpoint and no config.json there (not a run folder?)")
-        cfg = TrainConfig.load(run.file(CONFIG))
-        if cfg.engine == "scratch":
-            raise UserError(f"--resume {run.path}: a scratch-engine run cannot be resumed (the torch engine's can)")
-        return cfg, None
-    read = read_checkpoint(ckpt)
-    meta = read[1]
-    if meta.get("kind") == PRETRAIN_KIND:
-        raise UserError(f"--resume {run.path}: a pre-training run; continue it with `mnistlab pretrain --resume "
-                        f"{run.path}`")
-    require_meta(meta, RUN_META, ckpt)
-    if meta.get("engine") == "scratch":
-        raise UserError(f"--resume {run.path}: a scratch-engine run cannot be resumed (the torch engine's can)")
-    saved = TrainConfig.from_dict(meta["config"], source=f"{ckpt} (its config)")
-    if (meta["model"], meta["model_kwargs"]) != (saved.model, saved.model_kwargs):
-        raise UserError(f"{ckpt}: the checkpoint names model {meta['model']} {meta['model_kwargs']} but its config "
-                        f"says {saved.model} {saved.model_kwargs}; it was not written by this run")
-    if run.file(CONFIG).exists():
-        on_disk = TrainConfig.load(run.file(CONFIG)).to_dict()
-        ignore = {"run_dir", "device", "threads"}  # where it runs, not what it computes
-        differ = [k for k, v in saved.to_dict().items() if k not in ignore and on_disk[k] != v]
-        if differ:
-            k = differ[0]
-            raise UserError(f"--resume {run.path}: config.json says {k}={on_disk[k]!r} but the checkpoint was "
-                            f"trained with {k}={saved.to_dict()[k]!r} ({len(differ)} field(s) differ); resume "
-                            f"continues the run as it was: restore config.json, or start a new run")
-    return saved, read
-
-
-def _finished(run: RunFolder, cfg: TrainConfig) -> dict[str, Any]:
-    say(f"{run.path} finished all {cfg.epochs} epochs; nothing to resume (results in {run.file(RESULTS)})")
-    try:
-        return json.loads(run.file(RESULTS).read_text())
-    except ValueError:
-        raise UserError(f"{run.file(RESULTS)}: not valid JSON (the run had finished)") from None
-
-
-def _resume(run: RunFolder, cfg: TrainConfig, read: Read | None, device: torch.device,
-            progress: bool | None) -> dict[str, Any]:
-    meta = read[1] if read is not None else None
-    done = meta is not None and run.file(RESULTS).exists()
-    if done and "total_steps" in meta and meta["step"] >= meta["total_steps"]:
-        return _finished(run, cfg)  # before loading any data: a finished run needs nothing, not even the network
-    if cfg.sync_bn and device.type != "cuda":
-        raise UserError(f"--resume {run.path}: trained with --sync-bn, which runs only on CUDA")
-    ds, subset = distributed.main_first(lambda: load_training_data(cfg))
-    steps_per_epoch = math.ceil(len(ds.train_labels) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    if done and meta["step"] >= total_steps:
-        return _finished(run, cfg)
-    if not run.file(CONFIG).exists():
-        run.write_config(cfg.to_json())
-    if subset is not None and not run.file(SUBSET_FILE).exists():
-        run.write_json(SUBSET_FILE, subset)
-    engine = TorchEngine(cfg, ds, device, run)
-    if read is None:  # killed before its first checkpoint: step 0 is exact
-        if cfg.init is not None:
-            engine.start_from_init()
-        state = TrainState()
-        run.start_metrics()
-        note(f"{run.path} stopped before its first checkpoint; starting it again from step 0")
-    else:
-        state = engine.restore(read)
-        run.keep_metrics(state.step // steps_per_epoch)
-        note(f"resuming {run.path} at step {state.step}/{total_steps} (epoch {state.step // steps_per_epoch + 1})")
-    return _fit_and_finish(engine, state, progress)
-
-
-def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | None) -> dict[str, Any]:
-    cfg, ds, run = engine.cfg, engine.ds, engine.run
-    steps_per_epoch = math.ceil(len(ds.train_labels) / cfg.batch_size)
-    if engine.hflip != (cfg.hflip == "on"):
-        note(f"--hflip auto: random left-right flips {'on' if engine.hflip else 'off'} for {ds.name}")
-    if engine.tta:
-        note("evaluating each image and its mirror image (--tta)")
-    if engine.shift_tta:
-        note("final evaluation also over each image moved 1 pixel in 8 directions (--tta-shifts); "
-             "per-epoch validation without, to save time")
-    if engine.world.distributed:
-        note(f"torchrun: {engine.world.size} processes ({engine.world.backend}), each training on about "
-             f"{cfg.batch_size // engine.world.size} images of each global batch of {cfg.batch_size}; BatchNorm "
-             f"statistics {'over the global batch (--sync-bn)' if cfg.sync_bn else 'per process'}")
-    if engine.precision != "fp32":
-        note(f"--precision {cfg.precision}: bf16 autocast on {engine.device}")
-    if cfg.grad_flow and engine.run.writes:
-        engine.flow_steps = set(cfg.grad_flow_steps if cfg.grad_flow_steps is not None else
-                                [0, *(e * steps_per_epoch - 1 for e in range(1, cfg.epochs + 1))])
-        gradflow.keep_before(run.path, state.step)  # drop records a resume will redo
-    note(f"{ds.summary()}\nmodel {cfg.model}: {count_params(engine.model):,} parameters on {engine.device}, "
-         f"{torch.get_num_threads()} threads; {cfg.epochs} epochs of {steps_per_epoch} steps")
-    if cfg.labels_per_class is not None:
-        n = cfg.labels_per_class * ds.num_classes
-        note(f"--labels-per-class {cfg.labels_per_class}: {n:,} labelled training images (seed {cfg.seed}), each "
-             f"shown {len(ds.train_labels) // n} times an epoch; indices in {run.file(SUBSET_FILE)}")
-    if cfg.init is not None:
-        trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
-        note(f"--init {cfg.init}: the pre-trained encoder" + (f", frozen: {trainable:,} trainable parameters (the "
-                                                              "head)" if cfg.freeze_encoder else ""))
-    if cfg.tensorboard and engine.run.writes:
-        # a resume hides the events after its checkpoint's step: those of the steps it redoes
-        engine.tensorboard = TensorBoardLog(run.path, engine.model, ds.val_images, ds.val_labels, ds.classes,
-                                            ds.mean, ds.std, purge_step=state.step + 1)
-        engine.tensorboard_grad_steps = {e * steps_per_epoch - 1 for e in range(1, cfg.epochs + 1)}
-        note(f"TensorBoard logs in {run.file(TB_DIR)}: tensorboard --logdir {run.path.parent}")
-    if progress is None:
-        progress = sys.stderr.isatty()
-    progress = progress and distributed.is_main()
-    try:
-        fit(cfg, engine, state, run, len(ds.train_labels), progress, engine.tensorboard)
-    finally:
-        if engine.tensorboard is not None:
-            engine.tensorboard.close()
-    results = final_eval(engine, state)
-    run.write_results(results)
-    from mnistlab.calibration import write_run_calibration  # calibration.json: predict and serve need no data
-
-    write_run_calibration(run, engine.model, ds, state.step)
-    engine.net = None  # drop the DDP wrapper before the process group goes (distributed.stop)
-    return results
 
 
 def load_run_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -253,19 +253,19 @@ def section_mistakes(ctx: Context) -> Section:
 
 
 def section_calibration(ctx: Context) -> Section:
-    from mnistlab.calibration import expected_calibration_error, fit_temperature
+    from mnistlab.calibration import expected_calibration_error, fit_temperature_with_reason
     from mnistlab.inspect.predictions import calibration_figure
 
-    t = fit_temperature(ctx.val_logits, ctx.val_labels)  # fitted on validation, applied to test
+    t, why = fit_temperature_with_reason(ctx.val_logits, ctx.val_labels)  # fitted on validation, applied to test
     raw, scaled = ctx.test_logits.softmax(1), (ctx.test_logits / t).softmax(1)
     ece_raw = expected_calibration_error(raw, ctx.test_labels, CALIBRATION_BINS)
     ece_t = expected_calibration_error(scaled, ctx.test_labels, CALIBRATION_BINS)
     fig = calibration_figure(raw, scaled, ctx.test_labels, t, ece_raw, ece_t, CALIBRATION_BINS)
     return Section("calibration", "Calibration", [image(fig, "reliability diagram"), Text(
         f"Expected calibration error (confidence-weighted gap between confidence and accuracy) on the test split: "
-        f"{100 * ece_raw:.2f}% for the softmax, {100 * ece_t:.2f}% after temperature scaling (Guo et al. 2017) "
-        f"with one T = {t:.3f} fitted on the validation split's NLL; T cannot change a prediction, only how sure "
-        "it says it is.")])
+        f"{100 * ece_raw:.2f}% for the softmax, {100 * ece_t:.2f}% after temperature scaling (Guo et al. 2017), "
+        f"T = {t:.3f}. The temperature minimising the validation split's NLL: {why}. T cannot change a prediction, "
+        "only how sure it says it is.")])
 
 
 def section_grad_flow(ctx: Context) -> Section | None:

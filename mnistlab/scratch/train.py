@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mnistlab.loop import Engine
 from mnistlab.scratch import functional as F
 from mnistlab.scratch import nn, optim
 from mnistlab.scratch.engine import no_grad, tensor
@@ -96,7 +97,7 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
     return total
 
 
-class ScratchEngine:
+class ScratchEngine(Engine):
     """The numpy engine's step, validation and checkpoint, driven by the same loop as torch's (loop.fit)."""
 
     device = "cpu"  # the epoch permutation is made on the CPU and handed over as numpy indices
@@ -167,7 +168,7 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
     from mnistlab.data.dataset import load_dataset
     from mnistlab.errors import UserError
     from mnistlab.loop import TrainState, fit
-    from mnistlab.run import ENV, RunFolder, environment, note
+    from mnistlab.run import ENV, RunFolder, environment, note, plural
 
     check_supported(cfg)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
@@ -184,7 +185,7 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
         n_params = sum(p.data.size for p in engine.params)
         steps = math.ceil(len(engine.train_y) / cfg.batch_size)
         note(f"run folder {run.path}\n{cfg.describe()}\n{ds.summary()}\nmodel {cfg.model} (scratch engine, "
-             f"numpy): {n_params:,} parameters; {cfg.epochs} epochs of {steps} steps")
+             f"numpy): {n_params:,} parameters; {plural(cfg.epochs, 'epoch')} of {plural(steps, 'step')}")
         state = TrainState()
         fit(cfg, engine, state, run, len(engine.train_y), sys.stderr.isatty() if progress is None else progress)
         val_loss, val_acc, _ = evaluate(engine.model, engine.val_x, engine.val_y, ds.mean, ds.std,
