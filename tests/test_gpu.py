@@ -32,7 +32,7 @@ def env(run: Path) -> dict:
 
 
 def native_bf16() -> bool:
-    """What --precision auto asks of a CUDA GPU (train.pick_precision): bf16 computed natively, not emulated."""
+    """What --precision auto asks of a CUDA GPU (lifecycle.pick_precision): bf16 computed natively, not emulated."""
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
@@ -114,7 +114,7 @@ def test_bf16_on_the_cpu_trains_and_is_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_precision_is_fp32_and_auto_follows_the_hardware_rule(tmp_path):
-    from mnistlab.train import bf16_is_fast
+    from mnistlab.lifecycle import bf16_is_fast
 
     assert main(["train", *QUICK_DATA, "--model", "linear", "--device", "cpu", "--epochs", "1",
                  "--run-dir", str(tmp_path / "default")]) == 0
@@ -137,7 +137,7 @@ CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\nflags\t\t: fp
     ("GenuineIntel", "avx512f", False),
 ])
 def test_auto_precision_rule_reads_the_cpu_flags(vendor, flags, fast):
-    from mnistlab.train import bf16_is_fast
+    from mnistlab.lifecycle import bf16_is_fast
 
     assert bf16_is_fast(torch.device("cpu"), CPUINFO.format(vendor=vendor, flags=flags)) is fast
 

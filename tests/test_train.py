@@ -366,7 +366,7 @@ def test_fused_optimizer_resumes_channels_last_weights_exactly(tmp_path, optimiz
     """Safetensors stores state contiguous; the fused kernels need it in the weights' channels-last layout."""
     from mnistlab.checkpoint import load_into
     from mnistlab.models import create_model
-    from mnistlab.train import make_optimizer
+    from mnistlab.lifecycle import make_optimizer
 
     cfg = TrainConfig(optimizer=optimizer, lr=0.05)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
