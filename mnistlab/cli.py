@@ -583,7 +583,8 @@ def _add_compare_parser(sub) -> None:
                        description="With --models: train every (model, seed) of the grid, each in its own process "
                                    "and run folder under -o DIR (finished runs are skipped, a killed one resumed), "
                                    "then write the leaderboard. With RUN_DIRs: aggregate existing runs, grouped by "
-                                   "dataset, model, recipe and configuration less the seed. The leaderboard "
+                                   "dataset, model, recipe and configuration less the seed; folders that are not "
+                                   "finished training runs are skipped, one line each. The leaderboard "
                                    "(markdown, CSV and a figure) reports test accuracy as mean +- std over seeds.")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="existing runs to aggregate (instead of a grid)")
     p.add_argument("--dataset", help="the grid's dataset (default: fashion-mnist)")
@@ -594,7 +595,8 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--threads", type=_arg_type("positive_int"), help="CPU threads per run (default: all cores)")
     p.add_argument("-o", "--output", metavar="DIR",
                    help="folder for the grid's runs and the leaderboard (default: runs/compare); "
-                        "with RUN_DIRs, where the leaderboard goes (default: the current folder)")
+                        "with RUN_DIRs, where to write leaderboard.md, .csv and .png (default: none written, "
+                        "the leaderboard is printed)")
     p.set_defaults(func=cmd_compare)
 
 

@@ -187,3 +187,81 @@ def test_bad_inputs_are_one_line_errors_with_exit_2_before_training(tmp_path, ca
     assert message in err
     assert not grid_dir.exists()  # nothing trained, nothing written
     assert not list((tmp_path / "STALE").glob("*/train.log"))
+
+
+@pytest.fixture
+def no_latency(monkeypatch):
+    """The made-up runs' checkpoints are empty: nothing to time."""
+    from mnistlab.inspect import leaderboard
+
+    monkeypatch.setattr(leaderboard, "measure", lambda row, threads=None: None)
+
+
+def not_runs(root: Path) -> dict[str, str]:
+    """Folders `runs/*` may hold beside finished training runs, and the reason each is skipped."""
+    from mnistlab.config import PretrainConfig
+
+    pre = root / "pretrained"
+    pre.mkdir()
+    (pre / "config.json").write_text(PretrainConfig(dataset="digits").to_json())
+    (pre / "results.json").write_text(json.dumps(dict(kind="pretrain", val_loss=0.1)))
+    (pre / "checkpoint.safetensors").write_bytes(b"")
+    (root / "pretraining").mkdir()  # killed before its results: a config with pre-training fields only
+    (root / "pretraining" / "config.json").write_text(PretrainConfig(dataset="digits").to_json())
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / "config.json").write_text(TrainConfig(dataset="digits").to_json())
+    (root / "failed-start").mkdir()
+    (root / "failed-start" / ".lock").write_bytes(b"")
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("try lstm")
+    (root / "leaderboard.md").write_text("# an old leaderboard")
+    return {"pretrained": "a pre-training run", "pretraining": "a pre-training run",
+            "unfinished": "`mnistlab train --resume", "failed-start": "holds only .lock",
+            "notes": "not a finished run (no config.json", "leaderboard.md": "not a folder"}
+
+
+def test_compare_runs_star_skips_each_folder_that_is_not_a_finished_training_run(tmp_path, capsys, no_latency,
+                                                                                monkeypatch):
+    runs = tmp_path / "runs"
+    fake_run(runs / "mlp-seed0", 0, 0.90)
+    fake_run(runs / "mlp-seed1", 1, 0.92)
+    reasons = not_runs(runs)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *sorted(str(p) for p in runs.iterdir())]) == 0
+    out, err = capsys.readouterr()
+    skipped = [line for line in err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == len(reasons), err
+    for name, reason in reasons.items():
+        line = next(line for line in skipped if line.startswith(f"skipped {runs / name}: "))
+        assert reason in line, line
+    assert "| 1 | mlp | 2 | 91.00% +- 1.41 | best |" in out
+    # compare RUN... reads runs: without -o it writes no file, here or anywhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert [p.name for p in runs.glob("leaderboard.*")] == ["leaderboard.md"]
+    assert (runs / "leaderboard.md").read_text() == "# an old leaderboard"
+    assert "-o DIR writes" in err
+
+
+def test_compare_with_nothing_left_after_skipping_is_one_error(tmp_path, capsys, no_latency):
+    reasons = not_runs(tmp_path)
+    assert main(["compare", *sorted(str(p) for p in tmp_path.iterdir())]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(reasons) + 1 and all(line.startswith("skipped ") for line in err[:-1])
+    assert err[-1] == (f"mnistlab: error: nothing to aggregate: none of the {len(reasons)} folders is a finished "
+                       "training run (each is named above)")
+
+
+def test_compare_help_says_runs_are_aggregated_without_writing_files_unless_o(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: none written, the leaderboard is printed" in text
+
+
+def test_leaderboard_text_names_every_field_it_groups_without(tmp_path):
+    from mnistlab.inspect.leaderboard import WHERE_FIELDS
+
+    rows = build_rows([load_run(fake_run(tmp_path / "a", 0, 0.9))], latency=False)
+    markdown = render_markdown(rows, "mnistlab compare a", "CPU test")
+    groups = markdown.split("Groups:", 1)[1]
+    assert "compile" in WHERE_FIELDS and all(field in groups for field in WHERE_FIELDS)

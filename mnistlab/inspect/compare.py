@@ -2,7 +2,8 @@
 
     mnistlab compare --dataset fashion-mnist --models cnn vit lstm --seeds 0 1 2 -o runs/cmp
     mnistlab compare --dataset digits --models linear mlp --seeds 0 1 --epochs 1 -o /tmp/cmp
-    mnistlab compare runs/cmp/cnn-seed0 runs/other-run      # aggregate finished runs
+    mnistlab compare runs/cmp/cnn-seed0 runs/other-run      # aggregate finished runs (printed only)
+    mnistlab compare runs/* -o runs                        # ... and write the leaderboard files into runs/
     mnistlab compare runs/cmp                              # a folder of runs stands for the runs inside
 
 The grid. Every (model, seed) trains in its own process, `python -m mnistlab train ...`, into
@@ -15,7 +16,11 @@ its log; the others go on, and the exit status is 1 at the end. Ctrl-C stops the
 way `mnistlab train` does (it saves a checkpoint), so the next invocation continues it.
 
 The leaderboard (inspect/leaderboard.py: grouping, statistics, files) goes to DIR as leaderboard.md,
-.csv and .png; the markdown is printed on stdout, the progress lines on stderr.
+.csv and .png; the markdown is printed on stdout, the progress lines on stderr. Aggregating RUN_DIRs
+prints the leaderboard and writes files only where -o says: a command that reads runs does not drop
+files into whatever folder it was started from. Folders among the RUN_DIRs that are not finished
+training runs (pre-training runs, unfinished runs, a failed start's `.lock`, anything else) are skipped,
+one line each saying why; only when none is left is it an error.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from pathlib import Path
 
 from mnistlab.errors import UserError
 from mnistlab.files import disk_error
-from mnistlab.inspect.leaderboard import CHECKPOINT, CONFIG, RESULTS, WHERE_FIELDS, write_leaderboard
+from mnistlab.inspect.leaderboard import (
+    CHECKPOINT,
+    CONFIG,
+    RESULTS,
+    WHERE_FIELDS,
+    gather_runs,
+    load_run,
+    write_leaderboard,
+)
 
 DEFAULT_DATASET, DEFAULT_SEEDS, DEFAULT_GRID_DIR = "fashion-mnist", (0, 1, 2), "runs/compare"
 LOG = "train.log"
@@ -165,6 +178,27 @@ def _command(args: argparse.Namespace, dataset: str, seeds: list[int], out: Path
     return shlex.join([*parts, "-o", str(out)])
 
 
+def aggregate(args: argparse.Namespace) -> int:
+    """Leaderboard of the finished training runs among args.run_dirs, printed; files only with -o."""
+    runs, skipped = gather_runs(args.run_dirs)
+    if not runs and len(skipped) == 1:
+        raise UserError(skipped[0][1])  # the one folder named: its reason is the error
+    for _, reason in skipped:
+        note(f"skipped {reason}")
+    if not runs:
+        raise UserError(f"nothing to aggregate: none of the {len(skipped)} folders is a finished training run "
+                        "(each is named above)")
+    out = Path(args.output) if args.output else None
+    command = shlex.join(["mnistlab", "compare", *args.run_dirs, *(["-o", args.output] if args.output else []),
+                          *(["--threads", str(args.threads)] if args.threads else [])])
+    print(write_leaderboard(runs, out, command, threads=args.threads), flush=True)
+    if out is None:
+        note("leaderboard printed only; -o DIR writes leaderboard.md, .csv and .png there")
+    else:
+        note(f"wrote {out / 'leaderboard.md'}, leaderboard.csv, leaderboard.png")
+    return 0
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """The `mnistlab compare` command: a grid (with --models) or an aggregation (RUN_DIRs)."""
     grid_flags = [f for f in ("dataset", "seeds", "recipe", "epochs") if getattr(args, f) is not None]
@@ -174,12 +208,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if grid_flags:
             raise UserError(f"compare: --{grid_flags[0]} sets up a grid (with --models); RUN_DIRs are compared as "
                             "they were trained")
-        out = Path(args.output or ".")
-        command = shlex.join(["mnistlab", "compare", *args.run_dirs, *(["-o", args.output] if args.output else []),
-                              *(["--threads", str(args.threads)] if args.threads else [])])
-        print(write_leaderboard(args.run_dirs, out, command, threads=args.threads), flush=True)
-        note(f"wrote {out / 'leaderboard.md'}, leaderboard.csv, leaderboard.png")
-        return 0
+        return aggregate(args)
     if not args.models:
         raise UserError("compare: nothing to aggregate; give finished RUN_DIRs, or --models (and --seeds) to "
                         "train a grid")
@@ -194,6 +223,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if not done:
         note("no run of the grid finished: nothing to aggregate")
         return 1
-    print(write_leaderboard(done, out, _command(args, dataset, seeds, out), threads=args.threads), flush=True)
+    runs = [load_run(p) for p in done]
+    print(write_leaderboard(runs, out, _command(args, dataset, seeds, out), threads=args.threads), flush=True)
     note(f"wrote {out / 'leaderboard.md'}, leaderboard.csv, leaderboard.png")
     return 1 if failed else 0

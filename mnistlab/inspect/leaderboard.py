@@ -1,15 +1,17 @@
 """The leaderboard: finished runs grouped by configuration, test accuracy as mean +- std over seeds.
 
-    from mnistlab.inspect.leaderboard import write_leaderboard
-    markdown = write_leaderboard(["runs/a", "runs/b"], "out/", command="mnistlab compare runs/a runs/b")
+    from mnistlab.inspect.leaderboard import gather_runs, write_leaderboard
+    runs, skipped = gather_runs(["runs/a", "runs/b", "runs/pretrained"])  # skipped: (folder, why) of the others
+    markdown = write_leaderboard(runs, "out/", command="mnistlab compare runs/a runs/b")  # out None: print only
 
 Groups. Runs belong together when their configs agree on everything but the seed and the fields that
 say where or how a run was executed, not what it computes (WHERE_FIELDS): the run folder, threads and
 device (the same arithmetic, other hardware), where the data was found (the dataset name is kept),
-the evaluation batch size, deterministic kernels (bit-level, not meaning), and the diagnostics: gradient
-flow (recorded on a copy of the model) and TensorBoard logs (written at epoch ends) do not touch
-training. Dataset, model and recipe are config fields, so they are part of the key; a recipe run and a
-run given the recipe's values by hand stay apart, as they were asked for differently.
+the evaluation batch size, deterministic kernels (bit-level, not meaning), torch.compile (the same
+function, compiled), and the diagnostics: gradient flow (recorded on a copy of the model) and TensorBoard
+logs (written at epoch ends) do not touch training. Dataset, model and recipe are config fields, so they
+are part of the key; a recipe run and a run given the recipe's values by hand stay apart, as they were
+asked for differently.
 
 Statistics (after airbench: mean +- std over seeds, never a single lucky run). Test accuracy: mean and
 sample standard deviation (ddof=1) over the group's runs. "vs best": a two-sided Welch's t-test (unequal
@@ -21,6 +23,10 @@ group there is no spread to test against, and the leaderboard says it cannot tel
 Costs. Parameters and forward MFLOPs (one image, models/flops.py) of the trained model; training
 seconds and images/s as the runs recorded them (metrics.jsonl); inference latency measured here, on
 the CPU, at batch 1 and 256: one run of the group loaded, warmed up, median of repeated forwards.
+
+Which folders count. Finished training runs only (config.json, results.json with a test accuracy, the
+checkpoint): `gather_runs` sets aside, each with its reason, pre-training runs (an encoder, no test
+accuracy), unfinished runs, folders a failed start left holding only `.lock`, and anything else.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Any
 from mnistlab.config import TrainConfig
 from mnistlab.errors import UserError
 from mnistlab.files import atomic_write_text
-from mnistlab.run import CHECKPOINT, CONFIG, ENV, METRICS, RESULTS
+from mnistlab.run import CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULTS
 
 # Config fields that say where or how a run executed, not what it computes (module docstring).
 WHERE_FIELDS = frozenset({"run_dir", "threads", "device", "data_dir", "offline", "eval_batch_size", "deterministic",
@@ -136,11 +142,32 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path}: not readable JSON ({e})") from None
 
 
+def _pretraining(path: Path) -> bool:
+    """Whether the folder holds a `mnistlab pretrain` run: its results say so, or its config has pre-training
+    fields (an unfinished one has no results yet)."""
+    from mnistlab.checkpoint import PRETRAIN_KIND
+    from mnistlab.config import PretrainConfig
+
+    if (path / RESULTS).is_file():
+        results = _read_json(path / RESULTS)
+        if isinstance(results, dict) and results.get("kind") == PRETRAIN_KIND:
+            return True
+    if not (path / CONFIG).is_file():
+        return False
+    config = _read_json(path / CONFIG)
+    only_pretrain = set(PretrainConfig.__dataclass_fields__) - set(TrainConfig.__dataclass_fields__)
+    return isinstance(config, dict) and bool(only_pretrain & set(config))
+
+
 def load_run(path: str | Path) -> Run:
-    """Read a finished run folder; anything missing is a UserError saying what."""
+    """Read a finished training run folder; anything else is a UserError saying what it is."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path}: no such run folder")
+        raise UserError(f"{path}: {'not a folder' if path.exists() else 'no such run folder'}")
+    if _pretraining(path):
+        raise UserError(f"{path}: a pre-training run (an encoder: no test accuracy to compare)")
+    if [p.name for p in path.iterdir()] == [LOCK]:
+        raise UserError(f"{path}: holds only {LOCK} (a run that stopped before its first checkpoint); delete it")
     missing = [n for n in (CONFIG, RESULTS, CHECKPOINT) if not (path / n).is_file()]
     if missing:
         hint = (f"; unfinished: `mnistlab train --resume {path}` finishes it"
@@ -171,6 +198,18 @@ def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
             if d.resolve() not in {o.resolve() for o in out}:
                 out.append(d)
     return out
+
+
+def gather_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The finished training runs among `paths` (a folder of runs stands for the runs inside), and the
+    folders set aside, each with the one-line reason load_run gives."""
+    runs, skipped = [], []
+    for path in expand_run_dirs(paths):
+        try:
+            runs.append(load_run(path))
+        except UserError as e:
+            skipped.append((path, str(e)))
+    return runs, skipped
 
 
 def group_key(config: dict[str, Any]) -> str:
@@ -347,8 +386,8 @@ def render_markdown(rows: list[Row], command: str, machine: str) -> str:
         f"against the dataset's best mean, at the {ALPHA:.0%} level; *tie* means the seeds cannot tell the two apart "
         "(not that they are equal), *cannot tell* that one side has a single run. Best val: mean over seeds of the "
         "best per-epoch validation accuracy. Training: mean seconds of the loop. Latency: one run of the group, "
-        "CPU, median of repeated forwards after warm-up. Groups: the config less the seed, threads, device, run and "
-        "data folders, evaluation batch size, determinism and diagnostics.", ""]
+        "CPU, median of repeated forwards after warm-up. Groups: runs whose configs agree on all but the seed and "
+        f"what says where or how a run executed ({', '.join(sorted(WHERE_FIELDS))}).", ""]
     return "\n".join(lines)
 
 
@@ -438,15 +477,15 @@ def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
     return save_figure(fig, out, dpi=110)
 
 
-def write_leaderboard(run_dirs: Sequence[str | Path], out_dir: str | Path, command: str,
+def write_leaderboard(runs: Sequence[Run], out_dir: str | Path | None, command: str,
                       threads: int | None = None) -> str:
-    """Aggregate finished runs into out_dir/leaderboard.{md,csv,png}; return the markdown."""
-    paths = expand_run_dirs(run_dirs)
-    if not paths:
-        raise UserError("nothing to aggregate: no run folders given")
-    rows = build_rows([load_run(p) for p in paths], threads=threads)
-    out_dir = Path(out_dir)
+    """Aggregate finished runs into out_dir/leaderboard.{md,csv,png} (no files when out_dir is None);
+    return the markdown."""
+    rows = build_rows(runs, threads=threads)
     markdown = render_markdown(rows, command, machine_line(threads))
+    if out_dir is None:
+        return markdown
+    out_dir = Path(out_dir)
     atomic_write_text(out_dir / "leaderboard.md", markdown)
     atomic_write_text(out_dir / "leaderboard.csv", render_csv(rows))
     plot_leaderboard(rows, out_dir / "leaderboard.png")
