@@ -534,21 +534,23 @@ def _port(text: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from mnistlab.deploy.serve.app import run_server
+        from mnistlab.deploy.serve.server import run_server
     except ImportError as e:
         raise UserError(f'serving needs the serve extra: pip install "mnistlab[serve]" ({e})') from None
-    run_server(args.run_dirs, args.host, args.port)
+    run_server(args.run_dirs, args.host, args.port, max_upload=round(args.max_upload_mb * 2**20))
     return 0
 
 
 def _add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="a draw-a-digit page and a JSON API for trained runs",
+    p = sub.add_parser("serve", help="a page to draw on and a JSON API for trained runs",
                        description="Serve RUN_DIRs over HTTP: a page to draw on (/), POST /api/predict, "
                                    "GET /api/models, GET /healthz, OpenAPI docs at /docs. Binds 127.0.0.1 unless "
                                    'told otherwise. Needs the serve extra: pip install "mnistlab[serve]".')
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `mnistlab train`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default: 8000)")
+    p.add_argument("--max-upload-mb", type=_arg_type("positive_float"), default=8.0, metavar="MIB",
+                   help="largest picture upload in MiB (default: 8, a phone photo); JSON bodies stay under 64 KiB")
     p.set_defaults(func=cmd_serve)
 
 

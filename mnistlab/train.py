@@ -424,6 +424,9 @@ def _fit_and_finish(engine: TorchEngine, state: TrainState, progress: bool | Non
     fit(cfg, engine, state, run, len(ds.train_labels), progress and distributed.is_main(), engine.tensorboard)
     results = final_eval(engine, state)
     run.write_results(results)
+    from mnistlab.calibration import write_run_calibration  # calibration.json: predict and serve need no data
+
+    write_run_calibration(run, engine.model, ds, state.step)
     return results
 
 
