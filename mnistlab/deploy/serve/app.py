@@ -1,12 +1,12 @@
-"""The HTTP face of a trained run: a page to draw on and the JSON API it calls.
+"""The HTTP face of trained runs: a page to draw on and the JSON API it calls.
 
-    mnistlab serve runs/digits-mlp [more runs...] [--host 127.0.0.1] [--port 8000]
-
-Endpoints (OpenAPI docs at /docs):
+Endpoints (OpenAPI docs at /docs, served offline):
     GET  /              the drawing page (static/index.html: one file, no build step, no CDN)
-    GET  /healthz       {"status": "ok"}
-    GET  /api/models    the served runs: name (the run folder's name), dataset, classes, threshold, temperature
-    POST /api/predict   one picture -> the Prediction dict + "image" (the 28x28 the model saw, 784 ints) + "model"
+    GET  /healthz       {"status": "ok"}, answered on the event loop even while every model call is busy
+    GET  /api/models    the served runs, the default first: name (the run folder's name), dataset, architecture,
+                        classes, threshold (null: none, nothing is "unsure"), temperature
+    POST /api/predict   one picture -> PredictionOut: status, label, index, probability, top (every class),
+                        image (the 28x28 view the model saw, 784 ints), model, path
 
 POST /api/predict takes any one of
     multipart/form-data      field `file` (a PNG or JPEG), optional field `model`
@@ -15,34 +15,33 @@ POST /api/predict takes any one of
                              view, row-major, light ink on black (the model's own input; no preprocessing)
 and an optional `?model=NAME` query parameter (a field in the body wins). The default model is the first run.
 
-Bad input is a 4xx, never a 5xx: bodies over 64 KiB 413 (counted while reading, so a chunked body is
-refused too), pictures over 4096 px a side 413 (read from the header, before decoding), other formats
-415, damaged pictures and invalid pixels 422, an unknown model 404.
+Bad input is a 4xx, never a 5xx: a picture over max_upload (8 MiB by default) or a JSON body over 64 KiB 413
+(counted while reading, so a chunked body is refused too), a picture over 4096 px a side 413 (read from the
+header, before decoding), a multipart body that does not parse 400, other formats 415, damaged pictures and
+invalid pixels 422, an unknown model 404.
 """
 
 from __future__ import annotations
 
-import io
-import ipaddress
-import sys
-import threading
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from mnistlab.deploy.preprocess import BLANK_INK, Prepared, UnreadableImage, convention_for, load_ink, to_model_input
+from mnistlab.deploy.preprocess import UnreadableImage
+from mnistlab.deploy.serve.inference import NotAPicture, Picture, PictureTooLarge, ServedModel, answer_in_thread
 
-MAX_BODY = 64 * 1024  # a 280x280 canvas PNG is a few KiB; JSON pixels about 4 KiB
-MAX_SIDE = 4096  # pixels a side; checked from the header before a picture is decoded
+MAX_JSON = 64 * 1024  # 784 pixels as JSON are about 4 KiB
+MAX_UPLOAD = 8 * 1024 * 1024  # a phone photo is a few MB; the drawing page sends a few KiB
+FORM_OVERHEAD = 64 * 1024  # a multipart body's boundaries, part headers and `model` field around the picture
 MODEL_CALLS = 2  # concurrent decode + inference calls: more would only fight over the same cores
-PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+PICTURE_TYPES = ("image/png", "image/jpeg")
 PAGE_HEADERS = {
     # the page is self-contained: nothing may load from elsewhere
     "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
@@ -67,7 +66,7 @@ class TopEntry(BaseModel):
 
 
 class PredictionOut(BaseModel):
-    path: str
+    path: str = Field(description='the uploaded file\'s name, "upload" for a raw body, "pixels" for JSON')
     status: str = Field(description='"ok", "unsure" (below the run\'s threshold) or "blank" (nothing drawn)')
     label: str | None
     index: int | None
@@ -78,43 +77,74 @@ class PredictionOut(BaseModel):
 
 
 class ModelOut(BaseModel):
-    name: str
+    name: str = Field(description="the run folder's name; pass it as `model` to choose this run")
     dataset: str
     architecture: str
     classes: list[str]
-    threshold: float
+    threshold: float | None = Field(description="answers below this probability are unsure; null: no threshold")
     temperature: float
 
 
-@dataclass
-class Picture:
-    """What a request asked about: picture bytes, or a prepared 28x28 view (uint8)."""
+class Health(BaseModel):
+    status: str
 
-    name: str
-    data: bytes | None = None
-    view: np.ndarray | None = None
-    model: str | None = None
+
+class Problem(BaseModel):
+    detail: str | list[dict[str, Any]]
+
+
+@dataclass
+class Served:
+    """What the handlers are given (by Depends): the models by name, the first the default, and the limiter
+    their calls share."""
+
+    models: dict[str, ServedModel]
+    limiter: anyio.CapacityLimiter
+    max_upload: int  # bytes of a picture
+
+
+def served(request: Request) -> Served:
+    return request.app.state.served
+
+
+def size_text(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 1024:g} KiB"
+
+
+def upload_too_large(limit: int) -> str:
+    return f"the picture is larger than {size_text(limit)}, this server's limit (mnistlab serve --max-upload-mb)"
 
 
 class BodyTooLarge(HTTPException):
-    def __init__(self) -> None:
-        super().__init__(413, f"the body is larger than {MAX_BODY // 1024} KiB")
+    def __init__(self, detail: str) -> None:
+        super().__init__(413, detail)
 
 
 class LimitBody:
-    """ASGI middleware: refuse bodies over `limit` bytes, by Content-Length and by counting what arrives."""
+    """ASGI middleware: refuse bodies over their limit (a picture's or JSON's, by content type), by
+    Content-Length and by counting what arrives."""
 
-    def __init__(self, app, limit: int = MAX_BODY) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, picture_limit: int = MAX_UPLOAD, json_limit: int = MAX_JSON) -> None:
+        self.app, self.picture_limit, self.json_limit = app, picture_limit, json_limit
+
+    def limit(self, headers: dict[bytes, bytes]) -> tuple[int, str]:
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        if kind in PICTURE_TYPES or kind == "multipart/form-data":
+            overhead = FORM_OVERHEAD if kind == "multipart/form-data" else 0  # the file's own size: read_picture
+            return self.picture_limit + overhead, upload_too_large(self.picture_limit)
+        return self.json_limit, f"the body is larger than {size_text(self.json_limit)}, the limit for JSON " \
+                                "(784 pixels take about 4 KiB)"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        limit, too_large = self.limit(headers)
+        length = headers.get(b"content-length")
         if length is not None and not length.isdigit():
             return await self._refuse(send, 400, "the Content-Length header is not a number")
-        if length is not None and int(length) > self.limit:
-            return await self._refuse(send)
+        if length is not None and int(length) > limit:
+            return await self._refuse(send, 413, too_large)
         received, started = 0, False
 
         async def counting_receive():
@@ -122,9 +152,9 @@ class LimitBody:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     # an HTTPException, so FastAPI's body parsing passes it on rather than making it a 400
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(too_large)
             return message
 
         async def watching_send(message):
@@ -137,30 +167,12 @@ class LimitBody:
         except BodyTooLarge:
             if started:
                 raise
-            await self._refuse(send)
+            await self._refuse(send, 413, too_large)
 
-    async def _refuse(self, send, status: int = 413, detail: str | None = None) -> None:
-        response = JSONResponse({"detail": detail or BodyTooLarge().detail}, status_code=status,
+    async def _refuse(self, send, status: int, detail: str) -> None:
+        response = JSONResponse({"detail": detail}, status_code=status,
                                 headers={"Connection": "close"})  # the unread body is not worth reading
         await response({"type": "http"}, None, send)
-
-
-def decode_upload(data: bytes) -> tuple[np.ndarray, bool]:
-    """(ink, inverted) of PNG or JPEG bytes, after the format and the header's size are checked."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
-        raise HTTPException(415, "send a PNG or JPEG picture")
-    try:
-        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:  # reads the header only
-            width, height = im.size
-    except Image.DecompressionBombError:
-        raise HTTPException(413, f"the picture is too large (at most {MAX_SIDE}x{MAX_SIDE})") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise HTTPException(422, f"not a readable PNG or JPEG picture ({e})") from None
-    if width > MAX_SIDE or height > MAX_SIDE:
-        raise HTTPException(413, f"the picture is {width}x{height}; at most {MAX_SIDE}x{MAX_SIDE}")
-    return load_ink(io.BytesIO(data))  # UnreadableImage (damaged data) -> 422 by the app's handler
 
 
 def validation_error(e: ValidationError) -> HTTPException:
@@ -168,7 +180,7 @@ def validation_error(e: ValidationError) -> HTTPException:
     return HTTPException(422, [dict(loc=list(err["loc"]), msg=err["msg"], type=err["type"]) for err in e.errors()])
 
 
-async def read_picture(request: Request) -> Picture:
+async def read_picture(request: Request, s: Annotated[Served, Depends(served)]) -> Picture:
     """The request body as a Picture, by its content type (async: reading the body awaits the client)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
@@ -178,31 +190,66 @@ async def read_picture(request: Request) -> Picture:
             raise validation_error(e) from None
         view = np.rint(np.asarray(body.pixels, dtype=np.float64)).astype(np.uint8).reshape(28, 28)
         return Picture(name="pixels", view=view, model=body.model)
-    if kind in ("image/png", "image/jpeg"):
+    if kind in PICTURE_TYPES:
         return Picture(name="upload", data=await request.body())
     if kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=4) as form:
+        async with request.form(max_files=1, max_fields=4) as form:  # a body that does not parse: Starlette's 400
             upload, model = form.get("file"), form.get("model")
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, 'the form needs a picture in the field "file"')
             if model is not None and not isinstance(model, str):
                 raise HTTPException(422, 'the form field "model" is a name, not a file')
+            if upload.size is not None and upload.size > s.max_upload:
+                raise HTTPException(413, upload_too_large(s.max_upload))
             return Picture(name=upload.filename or "upload", data=await upload.read(), model=model)
     raise HTTPException(415, "send multipart/form-data (field file), image/png, image/jpeg or application/json")
 
 
-PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {"schema": {
-            "type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "format": "binary", "description": "a PNG or JPEG"},
-                           "model": {"type": "string"}}}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-        "application/json": {"schema": PixelsIn.model_json_schema()},
-    },
-}
+def predict_body(max_upload: int) -> dict[str, Any]:
+    """The OpenAPI request body of /api/predict (read by hand in read_picture: four content types, one route)."""
+    picture = {"type": "string", "format": "binary",
+               "description": f"a PNG or JPEG picture, at most {size_text(max_upload)} and 4096 px a side"}
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"],
+                           "properties": {"file": picture,
+                                          "model": {"type": "string", "description": "a name from /api/models"}}},
+                "encoding": {"file": {"contentType": ", ".join(PICTURE_TYPES)}}},
+            **{kind: {"schema": picture} for kind in PICTURE_TYPES},
+            "application/json": {"schema": PixelsIn.model_json_schema()},
+        },
+    }
+
+
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text} for code, text in [
+        (400, "a multipart body that does not parse, or a Content-Length that is not a number"),
+        (404, "no model of that name"),
+        (413, "the picture or the JSON body is too large, or the picture over 4096 px a side"),
+        (415, "not PNG, JPEG or JSON"),
+        (422, "a damaged picture, a form without `file`, or pixels that are not 784 numbers in 0..255")]}
+
+
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+async def list_models(s: Annotated[Served, Depends(served)]) -> list[ModelOut]:
+    """The served runs, the default (first) one first."""
+    return [ModelOut(name=name, dataset=m.dataset, architecture=m.meta["config"]["model"], classes=m.classes,
+                     threshold=m.threshold, temperature=m.temperature) for name, m in s.models.items()]
+
+
+async def predict(picture: Annotated[Picture, Depends(read_picture)], s: Annotated[Served, Depends(served)],
+                  model: Annotated[str | None, Query(description="a name from /api/models")] = None) -> PredictionOut:
+    """One picture (or prepared 28x28 view) -> the calibrated answer and the view the model saw."""
+    name = picture.model or model or next(iter(s.models))
+    if name not in s.models:
+        raise HTTPException(404, f"no model {name!r}; serving {', '.join(s.models)}")
+    result = await answer_in_thread(s.models[name], picture, s.limiter)
+    return PredictionOut(**result.to_dict(), image=result.image.reshape(-1).tolist(), model=name)
 
 
 def _offline_docs(app: FastAPI) -> None:
@@ -215,110 +262,35 @@ def _offline_docs(app: FastAPI) -> None:
     assets = Path(fastapi_offline.__file__).parent / "static"
     app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
+    async def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="mnistlab API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
                                    swagger_favicon_url="/docs-assets/favicon.png")
 
+    app.add_api_route("/docs", docs, include_in_schema=False)
 
-def create_app(run_dirs: list[str]) -> FastAPI:
-    """The app serving these runs; their models load in the lifespan (the first run is the default model)."""
-    if not run_dirs:
-        raise ValueError("create_app needs at least one run folder")
+
+def create_app(models: dict[str, ServedModel], *, max_upload: int = MAX_UPLOAD,
+               model_calls: int = MODEL_CALLS) -> FastAPI:
+    """The app serving these models, already loaded and checked (server.load_models; the first is the default)."""
+    if not models:
+        raise ValueError("create_app needs at least one model")
     page = resources.files("mnistlab.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        from mnistlab.deploy.predict import Predictor
-
-        predictors: dict[str, Predictor] = {}
-        for run_dir in run_dirs:
-            name = base = Path(run_dir).resolve().name
-            n = 1
-            while name in predictors:  # two runs called the same in different folders
-                n += 1
-                name = f"{base}-{n}"
-            predictors[name] = Predictor(run_dir)
-        app.state.predictors = predictors
-        app.state.model_calls = threading.Semaphore(MODEL_CALLS)
-        yield
-
-    app = FastAPI(title="mnistlab", summary="Draw a digit; see what a trained run makes of it.", lifespan=lifespan,
+    app = FastAPI(title="mnistlab", summary="Draw a picture; see what a trained run makes of it.",
                   docs_url=None, redoc_url=None)
-    app.add_middleware(LimitBody, limit=MAX_BODY)
+    app.state.served = Served(models=dict(models), limiter=anyio.CapacityLimiter(model_calls), max_upload=max_upload)
+    app.add_middleware(LimitBody, picture_limit=max_upload, json_limit=MAX_JSON)
     _offline_docs(app)
+    for error, status in ((NotAPicture, 415), (PictureTooLarge, 413), (UnreadableImage, 422)):
+        app.add_exception_handler(error, lambda request, e, status=status: JSONResponse({"detail": str(e)}, status))
 
-    @app.exception_handler(UnreadableImage)
-    def unreadable(request: Request, e: UnreadableImage) -> JSONResponse:
-        return JSONResponse({"detail": str(e).split(": ", 1)[-1]}, status_code=422)  # drop the BytesIO's repr
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
+    async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=PAGE_HEADERS)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/api/models", response_model=list[ModelOut])
-    def models(request: Request) -> list[dict[str, Any]]:
-        """The served runs, the default (first) one first."""
-        return [dict(name=name, dataset=p.dataset, architecture=p.meta["config"]["model"], classes=p.classes,
-                     threshold=p.threshold, temperature=p.temperature)
-                for name, p in request.app.state.predictors.items()]
-
-    @app.post("/api/predict", response_model=PredictionOut, openapi_extra={"requestBody": PREDICT_BODY},
-              responses={404: {"description": "no such model"}, 413: {"description": "body or picture too large"},
-                         415: {"description": "not PNG, JPEG or JSON"}, 422: {"description": "unreadable input"}})
-    def predict(request: Request, picture: Annotated[Picture, Depends(read_picture)],
-                model: Annotated[str | None, Query(description="a name from /api/models")] = None) -> dict[str, Any]:
-        """One picture (or prepared 28x28 view) -> the calibrated answer and the view the model saw."""
-        import torch
-
-        predictors = request.app.state.predictors
-        name = picture.model or model or next(iter(predictors))
-        if name not in predictors:
-            raise HTTPException(404, f"no model {name!r}; serving {', '.join(predictors)}")
-        predictor = predictors[name]
-        with request.app.state.model_calls, torch.inference_mode():
-            if picture.view is not None:
-                blank = int(picture.view.max()) < BLANK_INK * 255  # no ink above the black background
-                prepared = Prepared(image=picture.view, blank=blank, inverted=False)
-            else:
-                ink, inverted = decode_upload(picture.data)
-                image, blank = to_model_input(ink, convention_for(predictor.dataset))
-                prepared = Prepared(image=image, blank=blank, inverted=inverted)
-            (result,) = predictor.predict_prepared([(picture.name, prepared)], top_k=len(predictor.classes))
-        return result.to_dict() | dict(image=result.image.reshape(-1).tolist(), model=name)
-
+    app.add_api_route("/", index, include_in_schema=False)
+    app.add_api_route("/healthz", healthz)
+    app.add_api_route("/api/models", list_models)
+    app.add_api_route("/api/predict", predict, methods=["POST"], responses=PREDICT_ERRORS,
+                      openapi_extra={"requestBody": predict_body(max_upload)})
     return app
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server to this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname other than localhost: assume it is reachable
-
-
-def run_server(run_dirs: list[str], host: str, port: int) -> None:
-    """Serve the runs with uvicorn until interrupted; warn on stderr when others can reach the server."""
-    import uvicorn
-
-    from mnistlab.errors import UserError
-    from mnistlab.run import CHECKPOINT
-
-    for run_dir in run_dirs:  # the common mistake, caught before uvicorn starts (the lifespan loads the rest)
-        if not (Path(run_dir) / CHECKPOINT).is_file():
-            raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
-    if not is_loopback(host):
-        print(f"mnistlab serve: warning: listening on {host}, reachable from other machines; "
-              "the API has no authentication", file=sys.stderr)
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    print(f"mnistlab serve: {len(run_dirs)} model(s) at http://{shown}:{port}/ (Ctrl-C stops)", file=sys.stderr)
-    uvicorn.run(create_app(run_dirs), host=host, port=port, log_level="warning")

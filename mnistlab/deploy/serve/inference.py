@@ -1,0 +1,116 @@
+"""Below the HTTP layer: a request's picture -> the served model's answer, in a worker thread.
+
+Nothing here knows FastAPI: app.py turns these exceptions into status codes, and anything shaped like
+a Predictor (ServedModel: a fake one in the tests) can be served.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import numpy as np
+
+from mnistlab.deploy.preprocess import (
+    BLANK_INK,
+    Prepared,
+    UnreadableImage,
+    convention_for,
+    ink_from_grey,
+    load_ink,
+    to_model_input,
+)
+
+if TYPE_CHECKING:
+    from mnistlab.deploy.predict import Prediction
+
+MAX_SIDE = 4096  # pixels a side, read from the header before a picture is decoded
+# A JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps both sides >= DRAFT_SIDE (Pillow's
+# draft mode: the DCT skips the detail): a 4032x3024 phone photo becomes 1008x756, plenty for a 20 px box.
+DRAFT_SIDE = 512
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+
+
+class NotAPicture(ValueError):
+    """The bytes are neither a PNG nor a JPEG."""
+
+
+class PictureTooLarge(Exception):
+    """More than MAX_SIDE pixels a side (refused before decoding)."""
+
+
+class ServedModel(Protocol):
+    """What the server needs of a model: mnistlab.deploy.predict.Predictor has it."""
+
+    classes: list[str]
+    dataset: str
+    temperature: float
+    threshold: float | None  # None: no threshold, so no answer is "unsure"
+    meta: dict[str, Any]  # the checkpoint's metadata; meta["config"]["model"] names the architecture
+
+    def predict_prepared(self, prepared: list[tuple[str, Prepared]], top_k: int = 3) -> list[Prediction]: ...
+
+
+@dataclass
+class Picture:
+    """What a request asked about: picture bytes, or a prepared 28x28 view (uint8); and which model."""
+
+    name: str
+    data: bytes | None = None
+    view: np.ndarray | None = None
+    model: str | None = None
+
+
+def decode(data: bytes) -> tuple[np.ndarray, bool]:
+    """(ink, inverted) of PNG or JPEG bytes: the format and the header's size checked first, a JPEG decoded reduced
+    (draft mode) and in grey."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+        raise NotAPicture("send a PNG or JPEG picture")
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:  # reads the header only
+            if im.width > MAX_SIDE or im.height > MAX_SIDE:
+                raise PictureTooLarge(f"the picture is {im.width}x{im.height}; at most {MAX_SIDE}x{MAX_SIDE}")
+            if im.format == "JPEG":  # no alpha channel: the grey levels are all there is
+                im.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
+                return ink_from_grey(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+    except Image.DecompressionBombError:
+        raise PictureTooLarge(f"the picture is too large (at most {MAX_SIDE}x{MAX_SIDE})") from None
+    except UnidentifiedImageError:  # its message would show the BytesIO's repr
+        raise UnreadableImage("not a readable PNG or JPEG picture (Pillow cannot read its header)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UnreadableImage(f"not a readable PNG or JPEG picture ({e})") from None
+    try:
+        return load_ink(io.BytesIO(data))  # a PNG's ink may be in its alpha channel; load_ink knows
+    except UnreadableImage as e:  # damaged data: the message without the BytesIO's repr in front
+        raise UnreadableImage(str(e).split(": ", 1)[-1]) from None
+
+
+def model_view(picture: Picture, dataset: str) -> Prepared:
+    """The 28x28 view a model of `dataset` sees: the picture prepared by its recipe, or the view as sent."""
+    if picture.view is not None:
+        blank = int(picture.view.max()) < BLANK_INK * 255  # no ink above the black background
+        return Prepared(image=picture.view, blank=blank, inverted=False)
+    ink, inverted = decode(picture.data or b"")
+    image, blank = to_model_input(ink, convention_for(dataset))
+    return Prepared(image=image, blank=blank, inverted=inverted)
+
+
+def answer(model: ServedModel, picture: Picture) -> Prediction:
+    """Decode, prepare and predict one picture, every class ranked (blocking: run it in a worker thread)."""
+    import torch
+
+    prepared = model_view(picture, model.dataset)
+    with torch.inference_mode():
+        (result,) = model.predict_prepared([(picture.name, prepared)], top_k=len(model.classes))
+    return result
+
+
+async def answer_in_thread(model: ServedModel, picture: Picture, limiter: anyio.CapacityLimiter) -> Prediction:
+    """answer() in a worker thread, at most limiter.total_tokens at once: the event loop (and /healthz) stays free,
+    and requests beyond the limit wait for a token without holding a thread."""
+    return await anyio.to_thread.run_sync(partial(answer, model, picture), limiter=limiter)
