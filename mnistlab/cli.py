@@ -308,14 +308,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     import torch
 
     from mnistlab.config import TrainConfig
     from mnistlab.data.dataset import load_dataset
-    from mnistlab.evaluate import EvalResult, evaluate, per_class_accuracy
+    from mnistlab.evaluate import (
+        EvalResult,
+        describe_views,
+        eval_json,
+        evaluate,
+        per_class_accuracy,
+        tta_views,
+        untrained_views_warning,
+    )
+    from mnistlab.run import note
     from mnistlab.train import load_run_checkpoint
 
     run_dir = Path(args.run_dir)
@@ -332,22 +340,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loss, accuracy, preds = scratch_train.evaluate(model, images.numpy(), labels.numpy(), meta["mean"],
                                                        meta["std"])
         result = EvalResult(loss, accuracy, torch.from_numpy(preds), labels)
+        tta = shifts = False
     else:
         tta = meta.get("hflip_tta", False) if args.tta == "auto" else args.tta == "on"
         shifts = meta.get("shift_tta", False) if args.tta_shifts == "auto" else args.tta_shifts == "on"
         result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta, shift_tta=shifts)
+    trained_flips = cfg.hflip == "on" or (cfg.hflip == "auto" and ds.mirror_symmetric)  # as train.py resolves it
+    warning = untrained_views_warning(tta, shifts, trained_flips, cfg.augment in ("shift", "affine"))
+    if warning:
+        note(warning)
     cm = result.confusion(len(ds.classes))
     per_class = per_class_accuracy(cm)
     engine = meta.get("engine", "torch")
     if args.json:
-        print(json.dumps(dict(run_dir=str(run_dir), split=args.split, dataset=ds.name, model=meta["model"],
-                              engine=engine, step=meta["step"], accuracy=result.accuracy, loss=result.loss,
-                              per_class_accuracy=dict(zip(ds.classes, per_class.tolist(), strict=True)),
-                              confusion=cm.tolist()), indent=2, allow_nan=False))
+        print(eval_json(dict(run_dir=str(run_dir), split=args.split, dataset=ds.name, model=meta["model"],
+                             engine=engine, step=meta["step"], tta=describe_views(tta, shifts),
+                             views=tta_views(tta, shifts),
+                             warnings=[warning] if warning else [], accuracy=result.accuracy, loss=result.loss,
+                             per_class_accuracy=dict(zip(ds.classes, per_class.tolist(), strict=True)),
+                             confusion=cm.tolist())))
         return 0
     label = " (scratch engine)" if engine == "scratch" else ""
     print(f"{run_dir}: {meta['model']}{label} on {ds.name} {args.split} ({len(labels):,} images), step {meta['step']}")
-    print(f"accuracy {result.accuracy:.2%}   loss {result.loss:.4f}\n")
+    print(f"accuracy {result.accuracy:.2%}   loss {result.loss:.4f}   ({describe_views(tta, shifts)})\n")
     name_w = max(len(c) for c in ds.classes)
     print(f"{'class':<{name_w + 4}}  accuracy")
     for i, (c, a) in enumerate(zip(ds.classes, per_class.tolist(), strict=True)):

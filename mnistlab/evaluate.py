@@ -1,7 +1,9 @@
-"""Accuracy, loss, per-class accuracy and the confusion matrix of a model on a split."""
+"""Accuracy, loss, per-class accuracy and the confusion matrix of a model on a split, with test-time
+augmentation (TTA) named view by view."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab.data.batches import to_input
+from mnistlab.files import to_json
 
 ONE_PIXEL_MOVES = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]  # the 8 (dy, dx) of shift TTA
 
@@ -77,6 +80,47 @@ def evaluate(
         predictions=predictions,
         labels=labels_cpu,
     )
+
+
+def tta_views(hflip_tta: bool = False, shift_tta: bool = False) -> list[str]:
+    """The names of the views `evaluate` averages for these flags, in the order it builds them."""
+    views = ["identity"] + ([f"shift {dy:+d},{dx:+d} px" for dy, dx in ONE_PIXEL_MOVES] if shift_tta else [])
+    return [u for v in views for u in (v, "hflip" if v == "identity" else f"hflip {v}")] if hflip_tta else views
+
+
+def describe_views(hflip_tta: bool = False, shift_tta: bool = False) -> str:
+    """The views in a few words: "TTA over 2 views: identity, hflip"."""
+    n = len(tta_views(hflip_tta, shift_tta))
+    if not (hflip_tta or shift_tta):
+        return "plain images (1 view, no TTA)"
+    shifts = "identity and the 8 one-pixel shifts (±1 px, diagonals included)" if shift_tta else "identity"
+    return f"TTA over {n} views: {shifts}" + (", each also mirrored (hflip)" if shift_tta and hflip_tta
+                                               else ", hflip" if hflip_tta else "")
+
+
+def untrained_views_warning(hflip_tta: bool, shift_tta: bool, trained_flips: bool, trained_shifts: bool) -> str | None:
+    """One line when TTA shows the model views its training augmentation did not include, else None."""
+    unseen = [(view, flag) for view, flag, shown, trained in (
+        ("mirror images (hflip)", "--tta off", hflip_tta, trained_flips),
+        ("one-pixel shifts", "--tta-shifts off", shift_tta, trained_shifts)) if shown and not trained]
+    if not unseen:
+        return None
+    return (f"warning: TTA averages over {' and '.join(v for v, _ in unseen)}, which this run's training "
+            "augmentation did not include: to this model they may not be the same item, so accuracy can fall; "
+            f"{' '.join(f for _, f in unseen)} leaves them out")
+
+
+def eval_json(summary: dict) -> str:
+    """Strict JSON of an evaluation summary, one field per line and a matrix one row per line (not one
+    number per line): short to read, parsed by any JSON reader."""
+    fields = []
+    for key, value in summary.items():
+        if isinstance(value, list) and value and all(isinstance(row, list) for row in value):
+            text = "[\n" + ",\n".join("    " + to_json(row, indent=None) for row in value) + "\n  ]"
+        else:
+            text = to_json(value, indent=None)
+        fields.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(fields) + "\n}"
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
