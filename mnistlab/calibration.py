@@ -178,12 +178,14 @@ def read_calibration(run_dir: Path, step: int) -> tuple[dict[str, Any] | None, s
         cal = json.loads(path.read_text())
     except (OSError, ValueError):
         return None, f"{CALIBRATION} is unreadable"
-    if not isinstance(cal, dict) or cal.get("format") != FORMAT:
+    if not isinstance(cal, dict):
+        return None, f"{CALIBRATION} is damaged (not a JSON object)"
+    if cal.get("format") != FORMAT:
         return None, f"{CALIBRATION} was written by an older mnistlab, without its guard against too few errors"
     if cal.get("step") != step:
         return None, f"{CALIBRATION} was fitted for another checkpoint (step {cal.get('step')}, not {step})"
     t, threshold = cal.get("temperature"), cal.get("threshold")
-    if not (isinstance(t, float) and t > 0 and (threshold is None or isinstance(threshold, float))):
+    if not (isinstance(t, float) and 0 < t < math.inf and (threshold is None or isinstance(threshold, float))):
         return None, f"{CALIBRATION} is damaged (temperature {t!r}, threshold {threshold!r})"
     return cal, ""
 

@@ -131,6 +131,8 @@ def test_read_calibration_takes_only_this_format_for_this_step(tmp_path: Path):
     assert "damaged" in read_calibration(tmp_path, 5)[1]
     write_json(tmp_path / "calibration.json", dict(cal, threshold="high"))
     assert "damaged" in read_calibration(tmp_path, 5)[1]
+    (tmp_path / "calibration.json").write_text("[1, 2]")
+    assert "damaged" in read_calibration(tmp_path, 5)[1]
     (tmp_path / "calibration.json").write_text("{not json")
     assert read_calibration(tmp_path, 5) == (None, "calibration.json is unreadable")
 
