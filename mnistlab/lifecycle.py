@@ -62,7 +62,8 @@ def process_settings() -> Iterator[None]:
         raise
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports torch._dynamo: ~2 s
+            torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
 
 

@@ -242,3 +242,47 @@ def test_cli_fetch_uses_mirrors_from_environment(server, spec, archives, monkeyp
     ds = load_dataset("mnist")
     assert (len(ds.train_labels) + len(ds.val_labels), len(ds.test_labels)) == (200, 50)
     assert main(["data", "verify", "mnist"]) == 0
+
+
+# ---- no network: stop at once --------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released): connecting is refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_name_that_does_not_resolve_fails_at_once_without_retries(tmp_path, spec):
+    logged = []
+    t0 = time.perf_counter()
+    with pytest.raises(DownloadError) as e:  # the real backoff: 3 attempts would wait 1 + 2 s
+        download_file(spec.files[0], tmp_path, ["http://nonexistent.invalid/"], attempts=3, backoff=1.0,
+                      show_progress=False, log=logged.append)
+    assert time.perf_counter() - t0 < 0.9
+    assert logged == [] and "does not resolve" in str(e.value) and "Offline choices" in str(e.value)
+
+
+def test_a_refused_connection_moves_to_the_next_mirror_without_retries(tmp_path, server, spec, archives):
+    logged = []
+    t0 = time.perf_counter()
+    out = download_file(spec.files[0], tmp_path, [f"http://127.0.0.1:{_closed_port()}/", server.url("good")],
+                        attempts=3, backoff=1.0, show_progress=False, log=logged.append)
+    assert time.perf_counter() - t0 < 0.9
+    _assert_good(out, archives[out.name])
+    assert logged == []
+
+
+def test_train_without_a_network_gives_the_offline_choices_at_once(tmp_path, monkeypatch, capsys):
+    """Plain `mnistlab train` (no --offline) on a machine whose mirrors do not resolve: the hint, no retry lines."""
+    import mnistlab.train  # noqa: F401  (its import is not what is timed)
+
+    monkeypatch.setenv("MNISTLAB_MIRRORS", f"http://nonexistent.invalid/,http://127.0.0.1:{_closed_port()}/")
+    t0 = time.perf_counter()
+    assert main(["train", "--threads", "1", "--run-dir", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - t0 < 1.5
+    err = capsys.readouterr().err
+    assert "Offline choices" in err and "retrying" not in err and "giving up" not in err, err
+    assert not (tmp_path / "run").exists()

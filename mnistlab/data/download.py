@@ -1,5 +1,10 @@
 """Verified downloads: mirrors in order, retries with backoff, private .part files, atomic rename.
 
+Only what can succeed on a second try is retried: a timeout, a 5xx or 429, a connection reset or cut
+short. A mirror whose name does not resolve, whose network is unreachable, that refuses the connection
+or fails its certificate is left at once for the next one, without a retry or a wait; so a machine
+without a network reaches the offline choices in milliseconds, not after a minute of backoff.
+
 A file reaches its final name only after its sha256 matched and its gzip and IDX structure parsed,
 so a final-named file with a wrong hash never exists, whatever is killed when. Each attempt writes
 its own `.<file>.<random>.part` beside the final name, so two processes (or threads) fetching the
@@ -16,6 +21,8 @@ import hashlib
 import http.client
 import os
 import secrets
+import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -31,6 +38,8 @@ from mnistlab.errors import UserError
 MIRRORS_ENV = "MNISTLAB_MIRRORS"  # comma-separated base URLs that replace a dataset's own mirrors
 CHUNK = 1 << 16
 STALE_PART_SECONDS = 3600  # a .part untouched this long belongs to a killed download (live ones write every read)
+# connecting cannot succeed on a retry: no route to the network or host, nothing listening, the network down
+UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ENETDOWN, errno.EHOSTDOWN}
 
 
 class DownloadError(UserError):
@@ -54,6 +63,10 @@ class _Retryable(Exception):
 
 class _NextMirror(Exception):
     """A failure that retrying the same mirror will not fix (4xx, wrong bytes)."""
+
+
+class _Unreachable(_NextMirror):
+    """The mirror cannot be reached at all (its name does not resolve, no route, connection refused)."""
 
 
 class _LocalWriteFailed(Exception):
@@ -130,6 +143,12 @@ def _fetch_once(url: str, out: BinaryIO, cap: int, timeout: float, progress: Cal
         raise _NextMirror(f"HTTP {e.code}") from e
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, socket.gaierror):
+            raise _Unreachable(f"the name does not resolve ({reason.strerror or reason}); no network?") from e
+        if isinstance(reason, OSError) and reason.errno in UNREACHABLE:
+            raise _Unreachable(f"cannot connect ({reason.strerror or reason})") from e
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise _NextMirror(f"certificate check failed ({reason.verify_message or reason})") from e
         raise _Retryable(f"{type(e).__name__}: {reason}") from e
 
 
@@ -215,7 +234,8 @@ def download_file(
                 failures.append(f"{url}: {e}")
                 if failed_mirrors is not None:
                     failed_mirrors.add(base)
-                log(f"  {url}: {e}; trying the next mirror")
+                if not isinstance(e, _Unreachable):  # unreachable: said once, in the error, if no mirror works
+                    log(f"  {url}: {e}; trying the next mirror")
             finally:
                 if bar is not None:
                     bar.close()
