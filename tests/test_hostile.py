@@ -305,6 +305,34 @@ def test_a_batch_that_does_not_fit_in_memory_is_one_line(tmp_path, capsys, monke
     one_line_error(capsys, "a batch of 64 images does not fit in memory on cpu")
 
 
+def _out_of_memory_at_the_first_step(monkeypatch) -> None:
+    from mnistlab.models.linear import SoftmaxRegression
+
+    def oom(self, x):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 98304000000 bytes.")
+
+    monkeypatch.setattr(SoftmaxRegression, "forward", oom)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    _out_of_memory_at_the_first_step(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for where in (["--run-dir", str(tmp_path / "given" / "run")], []):  # a folder it names, and runs/<time>-...
+        assert main(["train", *QUICK, "--epochs", "1", *where]) == 2
+        one_line_error(capsys, "does not fit in memory")
+    assert not (tmp_path / "given" / "run").exists() and list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_failed_run_in_an_existing_folder_removes_only_what_it_wrote(tmp_path, capsys, monkeypatch):
+    _out_of_memory_at_the_first_step(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", *QUICK, "--epochs", "1", "--run-dir", str(run)]) == 2
+    one_line_error(capsys, "does not fit in memory")
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]
+
+
 # ---- output a user can keep -------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -208,3 +208,41 @@ def test_fine_tuned_run_is_reproduced_from_its_folder(pretrained, tmp_path):
 def test_flags_without_what_they_need_are_refused_before_any_data(flags, says, capsys):
     assert main(["train", "--dataset", "kmnist", "--offline", *flags]) == 2
     assert says in capsys.readouterr().err
+
+
+def _fake_init(folder: Path, kind: str | None, finished: bool, dim: int = 32) -> Path:
+    """A run folder holding a checkpoint of a tiny ViT encoder (no training): a pre-training run (`kind`
+    "pretrain"), finished or not, or a training run (`kind` None)."""
+    from mnistlab.checkpoint import save_checkpoint
+
+    holder = torch.nn.Module()
+    holder.encoder = create_model("vit", num_classes=1, **dict(TINY_KWARGS, dim=dim))
+    holder.encoder.head = torch.nn.Identity()  # as MAE keeps it: an encoder without a classifier
+    meta = dict(model="vit", model_kwargs=dict(TINY_KWARGS, dim=dim), in_chans=1, method="mae", mean=0.1, std=0.3,
+                dataset="digits", step=11 if finished else 5, total_steps=11, config={})
+    if kind is not None:
+        meta["kind"] = kind
+    folder.mkdir()
+    save_checkpoint(folder / "checkpoint.safetensors", holder, meta)
+    if finished:
+        (folder / "results.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("init, says", [
+    (lambda d: d / "nowhere", "no checkpoint.safetensors there"),
+    (lambda d: _fake_init(d / "trained", None, True), "a training run, not a `mnistlab pretrain` run"),
+    (lambda d: _fake_init(d / "unfinished", "pretrain", False), "stopped at step 5 of 11; finish it first"),
+    (lambda d: _fake_init(d / "wider", "pretrain", True, dim=48), "(pos_embed is (1, 16, 48) there, (1, 16, 32) "
+                                                                  "here)"),
+])
+def test_a_bad_init_is_refused_before_any_data_and_leaves_no_folder(tmp_path, capsys, monkeypatch, init, says):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before --init was checked")
+
+    monkeypatch.setattr("mnistlab.train.load_dataset", no_data)  # mnist is not here: it would download
+    run = tmp_path / "run"
+    assert main(["train", "--model", "vit", *TINY_VIT, "--init", str(init(tmp_path)), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mnistlab: error: --init") and says in err, err
+    assert not run.exists()
