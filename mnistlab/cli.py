@@ -224,10 +224,10 @@ def _add_pretrain_parser(sub) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
-def _refuse_flags_with_resume(explicit: dict, model_kwargs: dict) -> None:
-    given = [k for k, v in explicit.items() if v is not None and k not in ("device", "threads")]
-    if model_kwargs:
-        given.append("model_arg")
+def _refuse_flags_with_resume(explicit: dict, others: dict) -> None:
+    """--resume takes only --device and --threads: name every other flag given (config fields and `others`,
+    the flags that are not fields, such as --model-arg and --seq), as typed."""
+    given = [k for k, v in {**explicit, **others}.items() if v is not None and k not in ("device", "threads")]
     if given:
         raise UserError(f"--resume continues with the run's saved config; drop "
                         f"{', '.join('--' + k.replace('_', '-') for k in given)}")
@@ -249,7 +249,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     explicit = {f.name: getattr(args, f.name, None) for f in fields(PretrainConfig) if f.metadata["flag"]}
     model_kwargs = dict(args.model_arg or [])
     if args.resume:
-        _refuse_flags_with_resume(explicit, model_kwargs)
+        _refuse_flags_with_resume(explicit, dict(model_arg=args.model_arg))
         cfg = PretrainConfig(run_dir=args.resume, threads=args.threads)
         cfg.device = args.device  # None: as the run was trained
     else:
@@ -277,7 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seq is not None:
         model_kwargs["seq"] = args.seq
     if args.resume:
-        _refuse_flags_with_resume(explicit, model_kwargs)
+        _refuse_flags_with_resume(explicit, dict(model_arg=args.model_arg, seq=args.seq))
         cfg = TrainConfig(run_dir=args.resume, threads=args.threads)
         cfg.device = args.device  # None: as the run was trained (train() takes the rest from the checkpoint)
     else:

@@ -88,7 +88,8 @@ class TensorBoardLog:
         if not (math.isfinite(vmin) and math.isfinite(vmax)):
             return  # an inf or nan gradient has no bucket; the loss check reports the divergence
         counts = torch.histc(v, HIST_BINS, vmin, vmax).tolist()
-        lo, hi = (vmin - 1, vmax + 1) if vmin == vmax else (vmin, vmax)  # histc widens a constant's range so
+        # histc counts a constant tensor (min == max) over [min - 1, max + 1]: the edges follow the same range
+        lo, hi = (vmin - 1, vmax + 1) if vmin == vmax else (vmin, vmax)
         v64 = v.double()
         # bucket_limits are right edges: an empty bucket ending at `lo` gives the first bucket its left edge
         self.writer.add_histogram_raw(tag, min=vmin, max=vmax, num=v.numel(), sum=v64.sum().item(),

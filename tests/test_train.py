@@ -365,8 +365,8 @@ def test_shift_augmentation_moves_pixels_by_whole_steps(hflip):
 def test_fused_optimizer_resumes_channels_last_weights_exactly(tmp_path, optimizer):
     """Safetensors stores state contiguous; the fused kernels need it in the weights' channels-last layout."""
     from mnistlab.checkpoint import load_into
-    from mnistlab.models import create_model
     from mnistlab.lifecycle import make_optimizer
+    from mnistlab.models import create_model
 
     cfg = TrainConfig(optimizer=optimizer, lr=0.05)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
@@ -554,3 +554,43 @@ def test_the_loop_and_evaluate_make_no_float64_tensors(tmp_path, idx_dir):
     finally:
         train_module.fit = real_fit
     assert not spy.ops
+
+
+# ---- messages in plain words -------------------------------------------------------------------------
+
+def test_resume_with_seq_names_the_flag_that_was_given(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--seq", "rows"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --seq" in err and "--model-arg" not in err, err
+
+
+def test_counts_and_durations_read_as_words():
+    from mnistlab.run import duration_text, plural
+
+    assert (plural(1, "thread"), plural(4, "thread"), plural(1200, "step")) == ("1 thread", "4 threads", "1,200 steps")
+    assert (duration_text(2.04), duration_text(90), duration_text(7200)) == ("2.0 s", "1.5 min", "2.0 h")
+
+
+def test_a_model_is_named_with_its_options_only_when_it_has_some():
+    from mnistlab.config import model_label
+
+    assert model_label("vit", {}) == "vit"
+    assert model_label("vit", {"dim": 32, "depth": 1}) == "vit (depth=1, dim=32)"
+
+
+def test_the_torchrun_note_speaks_of_batchnorm_only_for_a_model_that_has_it():
+    from mnistlab.distributed import World
+    from mnistlab.models import create_model
+    from mnistlab.train import torchrun_note
+
+    world, cfg = World(rank=0, local_rank=0, size=2, backend="gloo"), TrainConfig(batch_size=128)
+    assert "BatchNorm" not in torchrun_note(world, cfg, create_model("mlp"))
+    assert "64 images of each global batch of 128; BatchNorm statistics per process" in torchrun_note(
+        world, cfg, create_model("cnn"))
+
+
+def test_the_labelled_subset_note_accounts_for_the_images_an_epoch_shows():
+    from mnistlab.train import labelled_subset_note
+
+    text = labelled_subset_note(TrainConfig(labels_per_class=10), 10, 200, Path("run/labelled_subset.json"))
+    assert "100 labelled training images (seed 0), each shown 2 times an epoch (the 200 training images" in text
