@@ -11,7 +11,16 @@ from conftest import make_arrays, spec_for, write_dataset
 from mnistlab.cli import main
 from mnistlab.data import registry
 from mnistlab.data.dataset import load_dataset
-from mnistlab.data.idx import IdxError, encode_idx, parse_idx, read_idx, write_idx
+from mnistlab.data.idx import (
+    IdxError,
+    check_pair,
+    decompress_if_gzip,
+    encode_idx,
+    gzip_idx_shape,
+    parse_idx,
+    read_idx,
+    write_idx,
+)
 from mnistlab.data.registry import TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 from mnistlab.errors import UserError
 
@@ -125,3 +134,131 @@ def test_gzip_idx_shape_reads_the_header_alone():
     assert gzip_idx_shape(gzip.compress(encode_idx(np.zeros(7, np.uint8))), "y.gz") == (7,)
     with pytest.raises(IdxError, match="too short"):
         gzip_idx_shape(gzip.compress(b"\x00\x00"), "z.gz")
+
+
+# ---- every boundary and error path of idx.py, checked directly (quick) ---------------------------------
+
+def test_encode_idx_writes_the_magic_the_dimensions_and_the_bytes_in_c_order():
+    a = np.arange(6, dtype=np.int64).reshape(2, 3)  # any integer array of byte values is stored as ubyte
+    assert encode_idx(a) == b"\x00\x00\x08\x02" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(range(6))
+
+
+def test_write_idx_gzips_only_a_gz_name_and_the_same_array_gives_the_same_bytes(tmp_path):
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    write_idx(tmp_path / "plain", a)
+    write_idx(tmp_path / "a.gz", a)
+    write_idx(tmp_path / "b.gz", a)
+    assert (tmp_path / "plain").read_bytes() == encode_idx(a)
+    assert gzip.decompress((tmp_path / "a.gz").read_bytes()) == encode_idx(a)
+    assert (tmp_path / "a.gz").read_bytes() == (tmp_path / "b.gz").read_bytes()  # no timestamp inside
+
+
+def test_a_file_that_cannot_be_read_is_one_clear_error(tmp_path):
+    with pytest.raises(IdxError, match=r"missing: cannot read \(No such file or directory\)$"):
+        read_idx(tmp_path / "missing")
+
+
+def test_plain_bytes_under_a_name_without_gz_are_returned_as_they_are():
+    assert decompress_if_gzip(b"\x00\x00\x08\x01", "labels") == b"\x00\x00\x08\x01"
+
+
+def test_gzip_magic_followed_by_garbage_is_corrupt_not_truncated():
+    with pytest.raises(IdxError, match=r"^x.gz: corrupt gzip data \("):
+        decompress_if_gzip(b"\x1f\x8b" + b"\xff" * 30, "x.gz")
+    with pytest.raises(IdxError, match=r"^x.gz: corrupt gzip data \("):
+        gzip_idx_shape(b"\x1f\x8b" + b"\xff" * 30, "x.gz")
+
+
+def test_a_truncated_gzip_says_the_copy_was_cut_short():
+    full = gzip.compress(encode_idx(np.zeros(1000, np.uint8) + 3))
+    with pytest.raises(IdxError, match=r"^x: truncated gzip file \(the download or copy was cut short\)$"):
+        decompress_if_gzip(full[:-8], "x")
+
+
+@pytest.mark.parametrize("start", [b"  <!DOCTYPE html>", b"<HTML><body>", b"<?xml version='1.0'?>", b"\n<head>",
+                                   b"<body>"])
+def test_a_web_page_in_place_of_the_data_is_named_as_one(start):
+    with pytest.raises(IdxError, match=r"^x.gz: not a gzip file: it looks like an HTML/XML page \(an error page"):
+        decompress_if_gzip(start + b" 404", "x.gz")
+
+
+def test_an_empty_gz_file_is_said_to_be_empty():
+    with pytest.raises(IdxError, match=r"^x.gz: not a gzip file: it is empty$"):
+        decompress_if_gzip(b"", "x.gz")
+
+
+def test_other_bytes_are_shown_as_their_first_eight_in_hex():
+    with pytest.raises(IdxError, match=r"it starts with bytes 00 01 02 03 04 05 06 07$"):
+        decompress_if_gzip(bytes(range(12)), "x.gz")
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\x00\x00\x08", r"^f: too short to be an IDX file \(3 bytes\)$"),
+    (b"\x00\x00\x08\x00", r"^f: wrong IDX magic number 0x00000800 \(expected 0x00000801 for labels or 0x00000803 "
+                          r"for images\); it starts with bytes 00 00 08 00$"),
+    (b"\x00\x01\x08\x01" + bytes(5), r"^f: wrong IDX magic number 0x00010801 "),
+    (b"\x01\x00\x08\x01" + bytes(5), r"^f: wrong IDX magic number 0x01000801 "),
+    (b"\x00\x00\x09\x01" + bytes(5), r"^f: IDX type code 0x09 is not unsigned byte \(0x08\)$"),
+    (b"\x00\x00\x08\x03" + bytes(11), r"^f: IDX header cut short$"),
+], ids=["3-bytes", "no-dimensions", "second-byte", "first-byte", "type", "header"])
+def test_each_broken_header_is_named(payload, message):
+    with pytest.raises(IdxError, match=message):
+        parse_idx(payload, "f")
+
+
+def test_a_header_that_ends_exactly_at_the_files_end_declares_an_empty_array():
+    empty = parse_idx(b"\x00\x00\x08\x01" + bytes(4), "f")
+    assert empty.shape == (0,) and empty.dtype == np.uint8
+
+
+def test_the_length_error_gives_the_declared_shape_and_both_byte_counts():
+    payload = encode_idx(np.zeros((2, 3), np.uint8))
+    expected = r"^f: IDX header declares shape \(2, 3\) \(18 bytes\) but the file holds 19 bytes$"
+    with pytest.raises(IdxError, match=expected):
+        parse_idx(payload + b"\x00", "f")
+
+
+def test_gzip_idx_shape_reads_a_header_of_255_dimensions_and_checks_its_magic():
+    header = b"\x00\x00\x08\xff" + (1).to_bytes(4, "big") * 255  # the longest header IDX allows, no data
+    assert gzip_idx_shape(gzip.compress(header), "x.gz") == (1,) * 255
+    with pytest.raises(IdxError, match="type code 0x0d"):
+        gzip_idx_shape(gzip.compress(b"\x00\x00\x0d\x01" + bytes(4)), "x.gz")
+
+
+def pair(labels, images_shape=None):
+    labels = np.asarray(labels, np.uint8)
+    return np.zeros(images_shape or (len(labels), 28, 28), np.uint8), labels
+
+
+@pytest.mark.parametrize("largest, ok", [(9, True), (10, False)])
+def test_a_label_equal_to_the_class_count_is_out_of_range(largest, ok):
+    images, labels = pair([0, largest, 3])
+    if ok:
+        check_pair(images, labels, "train")
+    else:
+        with pytest.raises(IdxError, match=r"^train: label 10 is outside 0..9$"):
+            check_pair(images, labels, "train")
+
+
+def test_the_class_count_is_the_callers():
+    check_pair(*pair([0, 41]), "t", num_classes=42)
+    with pytest.raises(IdxError, match=r"^t: label 42 is outside 0..41$"):
+        check_pair(*pair([0, 42]), "t", num_classes=42)
+
+
+def test_an_empty_pair_is_consistent():
+    check_pair(*pair([]), "t")
+
+
+@pytest.mark.parametrize("images_shape, labels_shape, message", [
+    ((3, 784), (3,), r"^t: images must be 3-D \(N, H, W\), got shape \(3, 784\)$"),
+    ((3, 28, 28), (3, 1), r"^t: labels must be 1-D \(N,\), got shape \(3, 1\)$"),
+    ((3, 28, 28), (4,), r"^t: 3 images but 4 labels: the counts must agree$"),
+])
+def test_a_pair_whose_shapes_do_not_belong_together_is_refused(images_shape, labels_shape, message):
+    with pytest.raises(IdxError, match=message):
+        check_pair(np.zeros(images_shape, np.uint8), np.zeros(labels_shape, np.uint8), "t")
+
+
+def test_idx_errors_are_user_errors():
+    assert issubclass(IdxError, UserError)

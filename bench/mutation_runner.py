@@ -1,0 +1,71 @@
+"""A quicker test runner for mutmut: one process imports torch, numpy, Pillow and pytest once, and forks a
+fresh pytest for each mutant (bench/mutation.sh starts it). mutmut runs a command per mutant; most of a
+command's seconds went on importing torch, not on the tests.
+
+    python bench/mutation_runner.py serve SOCKET            # in the folder being mutated
+    python bench/mutation_runner.py run SOCKET PYTEST_ARGS  # what mutmut runs: exits as the tests did
+
+The server never imports mnistlab: each forked child imports it from disk, so it sees the current mutant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+TIMEOUT_S = 120  # a mutant that loops for ever is ended here (mutmut also gives up on its runner)
+
+
+def serve(path: str) -> None:
+    from importlib.metadata import entry_points
+
+    import matplotlib
+    import numpy  # noqa: F401  (imported once here, inherited by every child)
+    import PIL.Image  # noqa: F401
+    import pytest
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    matplotlib.use("Agg")
+    for plugin in entry_points(group="pytest11"):  # hypothesis's and schemathesis's plugins: a second or two
+        plugin.load()
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            args = json.loads(conn.makefile().readline())
+            pid = os.fork()
+            if pid == 0:
+                server.close()
+                signal.alarm(TIMEOUT_S)
+                sys.path.insert(0, os.getcwd())  # the mutated tree's mnistlab, not an installed one
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                os._exit(int(pytest.main(args)))
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            conn.sendall(f"{code}\n".encode())
+
+
+def run(path: str, args: list[str]) -> int:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    client.sendall((json.dumps(args) + "\n").encode())
+    reply = client.makefile().readline().strip()
+    return int(reply) if reply else 1
+
+
+if __name__ == "__main__":
+    command, sock = sys.argv[1], sys.argv[2]
+    if command == "serve":
+        serve(sock)
+    else:
+        sys.exit(run(sock, sys.argv[3:]))
