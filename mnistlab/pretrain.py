@@ -66,7 +66,7 @@ from mnistlab.loop import Engine, TrainState, fit, step_seed
 from mnistlab.models import create_model
 from mnistlab.models.flops import count_params
 from mnistlab.models.mae import MaskedImageModel, create_masked_model, hide, random_mask
-from mnistlab.run import ENV, RESULTS, RunFolder, duration_text, environment, note, plural, say
+from mnistlab.run import RESULTS, RunFolder, duration_text, environment, note, plural, say
 
 VAL_MASK_SEED = 2021  # one fixed mask per validation image, the same every epoch and every run
 FIGURE_IMAGES = 8  # validation images in each reconstruction figure
@@ -197,10 +197,7 @@ def _start(cfg: PretrainConfig, progress: bool | None) -> dict[str, Any]:
     with RunFolder.create(cfg.run_dir, images.name, f"{cfg.method}-{cfg.model}") as run:
         cfg.run_dir = str(run.path)
         engine = PretrainEngine(cfg, images, device, run)
-        run.write_config(cfg.to_json())
-        run.write_json(ENV, environment(str(device), images))
-        run.start_metrics()
-        note(f"run folder {run.path}\n{cfg.describe()}")
+        run.begin(cfg, environment(str(device), images))
         return _fit_and_finish(engine, TrainState(), progress)
 
 

@@ -177,6 +177,14 @@ class RunFolder:
             return
         atomic_write_text(self.path / CONFIG, config_json + "\n")
 
+    def begin(self, config: Any, env: dict[str, Any]) -> None:
+        """A new run's first files: config.json (`config`, a TrainConfig or PretrainConfig), env.json, an empty
+        metrics.jsonl; and the note that names the folder and prints the config."""
+        self.write_config(config.to_json())
+        self.write_json(ENV, env)
+        self.start_metrics()
+        note(f"run folder {self.path}\n{config.describe()}")
+
     # metrics.jsonl: one JSON record per finished epoch
     def start_metrics(self) -> None:
         if not self.writes:

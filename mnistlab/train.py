@@ -364,12 +364,9 @@ def _start(cfg: TrainConfig, progress: bool | None) -> dict[str, Any]:
         cfg.run_dir = str(run.path)
         with TorchEngine(cfg, ds, device, run) as engine:
             provenance = engine.start_from_init(init) if init is not None else {}
-            run.write_config(cfg.to_json())
-            run.write_json(ENV, environment(str(device), ds, **provenance, **_world_record(engine)))
             if subset is not None:
                 run.write_json(SUBSET_FILE, subset)
-            run.start_metrics()
-            note(f"run folder {run.path}\n{cfg.describe()}")
+            run.begin(cfg, environment(str(device), ds, **provenance, **_world_record(engine)))
             return _fit_and_finish(engine, TrainState(), progress)
 
 

@@ -168,7 +168,7 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
     from mnistlab.data.dataset import load_dataset
     from mnistlab.errors import UserError
     from mnistlab.loop import TrainState, fit
-    from mnistlab.run import ENV, RunFolder, environment, note, plural
+    from mnistlab.run import RunFolder, environment, note, plural
 
     check_supported(cfg)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
@@ -179,13 +179,11 @@ def train(cfg, progress: bool | None = None) -> dict[str, Any]:
     with RunFolder.create(cfg.run_dir, ds.name, cfg.model) as run:
         cfg.run_dir = str(run.path)
         engine = ScratchEngine(cfg, ds, run)
-        run.write_config(cfg.to_json())
-        run.write_json(ENV, environment("cpu (numpy)", ds, engine="scratch", numpy_blas=_blas_name()))
-        run.start_metrics()
+        run.begin(cfg, environment("cpu (numpy)", ds, engine="scratch", numpy_blas=_blas_name()))
         n_params = sum(p.data.size for p in engine.params)
         steps = math.ceil(len(engine.train_y) / cfg.batch_size)
-        note(f"run folder {run.path}\n{cfg.describe()}\n{ds.summary()}\nmodel {cfg.model} (scratch engine, "
-             f"numpy): {n_params:,} parameters; {plural(cfg.epochs, 'epoch')} of {plural(steps, 'step')}")
+        note(f"{ds.summary()}\nmodel {cfg.model} (scratch engine, numpy): {n_params:,} parameters; "
+             f"{plural(cfg.epochs, 'epoch')} of {plural(steps, 'step')}")
         state = TrainState()
         fit(cfg, engine, state, run, len(engine.train_y), sys.stderr.isatty() if progress is None else progress)
         val_loss, val_acc, _ = evaluate(engine.model, engine.val_x, engine.val_y, ds.mean, ds.std,
