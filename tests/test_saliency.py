@@ -99,6 +99,7 @@ def test_gradient_and_ig_of_a_linear_model_are_its_weights(digits):
     assert float(gap.max()) < 1e-5
 
 
+@pytest.mark.slow  # trains a CNN (the trained_cnn fixture)
 def test_ig_completeness_gap_is_below_one_percent_on_a_trained_cnn(trained_cnn, digits):
     model, _ = trained_cnn
     x, _ = sample(digits)
@@ -141,6 +142,7 @@ def correlations(trained_cnn, digits) -> dict[str, float]:
     return randomization_check(model, x, predicted(model, x), methods)
 
 
+@pytest.mark.slow  # trains a CNN (the trained_cnn fixture)
 def test_gradient_and_ig_of_a_trained_cnn_fail_to_match_a_randomised_one(correlations):
     """Adebayo et al. 2018's model randomisation test: maps of the trained model and of the same
     architecture re-initialised must differ, or the method does not explain what was learned."""
@@ -148,10 +150,12 @@ def test_gradient_and_ig_of_a_trained_cnn_fail_to_match_a_randomised_one(correla
         assert abs(correlations[method]) < LOW_CORRELATION, correlations
 
 
+@pytest.mark.slow  # trains a CNN (the trained_cnn fixture)
 def test_the_randomisation_check_fails_a_method_that_ignores_the_model(correlations):
     assert correlations["edges"] > 0.99, correlations
 
 
+@pytest.mark.slow  # trains a CNN (the trained_cnn fixture)
 def test_ig_map_keeps_the_input_shape_under_a_randomised_model(correlations):
     """IG = (x - x') * path gradient: zero off the digit and scaled by its brightness for any model, so
     its map correlates with a random model's (measured 0.97) while the path gradient does not (0.16)."""
@@ -200,8 +204,10 @@ def test_randomized_copy_redraws_every_parameter_and_leaves_the_model(name):
     assert all(torch.equal(p, q) for p, q in zip(rand.parameters(), again.parameters(), strict=True))
 
 
-def test_saliency_figure_leaves_weights_modes_flags_and_grads_as_found(trained_cnn, digits):
-    model, meta = trained_cnn
+def test_saliency_figure_leaves_weights_modes_flags_and_grads_as_found(digits):
+    torch.manual_seed(0)
+    model = create_model("cnn", widths=[8, 16, 32]).eval()  # small: the test is about state, not maps
+    meta = dict(mean=digits.mean, std=digits.std, classes=digits.classes)
     model.train()
     model.head.eval()  # a mixed state, which model.train(mode) alone could not restore
     model.head.weight.requires_grad_(False)
