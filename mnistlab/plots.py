@@ -66,27 +66,34 @@ def sample_grid(
     seed: int = 0,
 ) -> Path:
     """Save a grid with one row per class and `per_class` random samples of it, labelled."""
-    plt = pyplot()
     rng = np.random.default_rng(seed)
-    n_classes = len(classes)
-    fig, axes = plt.subplots(
-        n_classes, per_class, figsize=(per_class * 0.9 + 1.6, n_classes * 0.95 + 0.6), squeeze=False
-    )
-    for c in range(n_classes):
+    rows = []
+    for c in range(len(classes)):
         idx = np.flatnonzero(labels == c)
-        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        rows.append([images[i] for i in (rng.choice(idx, size=min(per_class, len(idx)), replace=False)
+                                         if len(idx) else [])])
+    fig = class_rows_figure(rows, [f"{c}: {name}" for c, name in enumerate(classes)], per_class, title=title)
+    return save_figure(fig, out)
+
+
+def class_rows_figure(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], per_class: int, *,
+                      title: str = ""):
+    """One labelled row of up to `per_class` uint8 images (H, W) per class, ink dark on white."""
+    fig, axes = pyplot().subplots(len(rows), per_class, figsize=(per_class * 0.9 + 1.6, len(rows) * 0.95 + 0.6),
+                                  squeeze=False)
+    for r, images in enumerate(rows):
         for j in range(per_class):
-            ax = axes[c, j]
+            ax = axes[r, j]
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            if j < len(pick):
-                ax.imshow(images[pick[j]], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        axes[c, 0].set_ylabel(f"{c}: {classes[c]}", rotation=0, ha="right", va="center", fontsize=9)
+            if j < len(images):
+                ax.imshow(images[j], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        axes[r, 0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    return save_figure(fig, out)
+    return fig
 
 
 def grad_flow(records: list[dict], out: str | Path, *, title: str = "") -> Path:

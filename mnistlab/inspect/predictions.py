@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mnistlab.plots import pyplot
+from mnistlab.plots import class_rows_figure, pyplot
 
 
 def worst_first(accuracy: torch.Tensor) -> list[int]:
@@ -92,22 +92,12 @@ def typical_figure(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tens
     """Per class (a row each), the correctly classified images given the highest probability: the model's
     idea of the class."""
     p, pred = probs.max(1)
-    k = len(classes)
-    fig, axes = pyplot().subplots(k, per_class, figsize=(per_class * 0.95 + 1.6, k * 0.95 + 0.5), squeeze=False)
-    for c in range(k):
+    rows = []
+    for c in range(len(classes)):
         ok = torch.nonzero((pred == c) & (labels == c)).flatten()
-        best = ok[torch.argsort(p[ok], descending=True)][:per_class].tolist()
-        for j in range(per_class):
-            a = axes[c, j]
-            a.set_xticks([])
-            a.set_yticks([])
-            for s in a.spines.values():
-                s.set_visible(False)
-            if j < len(best):
-                a.imshow(images[best[j]].numpy(), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        axes[c, 0].set_ylabel(classes[c], rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("per class, the correctly classified test images the model is surest of", fontsize=10)
-    return fig
+        rows.append([images[i].numpy() for i in ok[torch.argsort(p[ok], descending=True)][:per_class].tolist()])
+    return class_rows_figure(rows, classes, per_class,
+                             title="per class, the correctly classified test images the model is surest of")
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
