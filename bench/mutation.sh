@@ -33,7 +33,8 @@ echo "mutating $(git -C "$root" rev-parse --short "${MUTATION_REF:-HEAD}") in $c
 python "$root/bench/mutation_runner.py" serve "$copy/.runner.sock" &
 server=$!
 trap 'kill $server' EXIT
-for _ in $(seq 100); do [ -S "$copy/.runner.sock" ] && break; sleep 0.2; done
+for _ in $(seq 150); do [ -S "$copy/.runner.sock" ] && break; sleep 0.2; done
+[ -S "$copy/.runner.sock" ] || { echo "the test server did not start (is the [dev] environment active?)" >&2; exit 1; }
 
 for arg in "${modules[@]}"; do
   module=${arg%%=*}
