@@ -223,7 +223,9 @@ def test_openapi_documents_every_request_format_and_error(client):
     post = spec["paths"]["/api/predict"]["post"]
     content = post["requestBody"]["content"]
     assert set(content) == {"multipart/form-data", "image/png", "image/jpeg", "application/json"}
-    assert content["multipart/form-data"]["encoding"] == {"file": {"contentType": "image/png, image/jpeg"}}
+    form = content["multipart/form-data"]
+    assert form["encoding"] == {"file": {"contentType": "image/png, image/jpeg"}}
+    assert form["schema"]["additionalProperties"] is False and set(form["schema"]["properties"]) == {"file", "model"}
     assert "8 MiB" in content["image/jpeg"]["schema"]["description"]
     assert {"200", "400", "404", "413", "415", "422"} <= set(post["responses"])
     assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictionOut")
@@ -315,6 +317,13 @@ def test_truncated_jpeg_is_422(client, phone_jpeg):
     r = upload(client, phone_jpeg[:2000], name="a.jpg", kind="image/jpeg")
     assert_4xx(r, 422)
     assert "BytesIO" not in r.json()["detail"]
+
+
+def test_a_form_with_fields_beyond_file_and_model_is_refused(client):
+    png = drawn(a_seven())
+    assert_4xx(client.post("/api/predict", files={"file": ("a.png", png, "image/png")}, data={"colour": "red"}), 422)
+    many = {f"f{i}": "x" for i in range(5)}  # past the parser's own cap: Starlette's 400, documented
+    assert_4xx(client.post("/api/predict", files={"file": ("a.png", png, "image/png")}, data=many), 400)
 
 
 def test_unsupported_content_type_is_415(client):
@@ -429,10 +438,10 @@ def runs(tmp_path_factory):
     """A digits MLP, a copy of it under another folder name, and three folders `serve` must refuse: a
     pre-training run, a scratch-engine run and a copy whose checkpoint fails its hash."""
     root = tmp_path_factory.mktemp("serve")
-    quick = ["--dataset", "digits", "--epochs", "3", "--threads", "1"]
-    assert main(["train", *quick, "--model", "mlp", "--run-dir", str(root / "digits-mlp")]) == 0
+    quick = ["--dataset", "digits", "--epochs", "3", "--model", "mlp"]
+    assert main(["train", *quick, "--threads", "1", "--run-dir", str(root / "digits-mlp")]) == 0
     shutil.copytree(root / "digits-mlp", root / "second")
-    assert main(["train", *quick, "--model", "mlp", "--engine", "scratch", "--run-dir", str(root / "scratch")]) == 0
+    assert main(["train", *quick, "--engine", "scratch", "--run-dir", str(root / "scratch")]) == 0
     assert main(["pretrain", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--threads", "1",
                  "--decoder-dim", "32", "--decoder-heads", "2", "--model-arg", "dim=32", "--model-arg", "depth=1",
                  "--model-arg", "heads=2", "--run-dir", str(root / "pretrain")]) == 0

@@ -195,6 +195,8 @@ async def read_picture(request: Request, s: Annotated[Served, Depends(served)]) 
     if kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=4) as form:  # a body that does not parse: Starlette's 400
             upload, model = form.get("file"), form.get("model")
+            if unknown := sorted(set(form.keys()) - {"file", "model"}):
+                raise HTTPException(422, f"unknown form fields {unknown}: send `file` and, if you like, `model`")
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, 'the form needs a picture in the field "file"')
             if model is not None and not isinstance(model, str):
@@ -213,7 +215,7 @@ def predict_body(max_upload: int) -> dict[str, Any]:
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"],
+                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
                            "properties": {"file": picture,
                                           "model": {"type": "string", "description": "a name from /api/models"}}},
                 "encoding": {"file": {"contentType": ", ".join(PICTURE_TYPES)}}},
