@@ -1,10 +1,14 @@
-"""A stand-in for mnistlab.deploy.predict.Predictor in the server's tests: the attributes and the
-predict_prepared the server uses (inference.ServedModel), no checkpoint, an instant fixed answer,
-and a record of every call (what it saw, whether under torch.inference_mode, how many ran at once)."""
+"""For the server's tests: FakeModel, a stand-in for mnistlab.deploy.predict.Predictor (the attributes
+and the predict_prepared the server uses, inference.ServedModel; no checkpoint, an instant fixed answer,
+and a record of every call: what it saw, whether under torch.inference_mode, how many ran at once), and
+serving(app), an app under uvicorn on a free loopback port in a thread."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -53,3 +57,26 @@ class FakeModel:
         return Prediction(path=name, status=status, label=self.classes[self.answer], index=self.answer,
                           probability=0.5, image=view.image,
                           top=[dict(label=self.classes[i], index=int(i), probability=float(probs[i])) for i in order])
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """The app under uvicorn on a free 127.0.0.1 port (bound as `mnistlab serve` binds it), in a thread; its URL."""
+    import uvicorn
+
+    from mnistlab.deploy.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -1,4 +1,4 @@
-"""The draw-a-digit page in a real browser: Debian's chromium driven by Playwright, against uvicorn on
+"""The drawing page in a real browser: Debian's chromium driven by Playwright, against uvicorn on
 127.0.0.1 started and stopped by the test. Draw a digit stroke by stroke, see a prediction and the
 28x28 view appear, clear, see them go. Skipped where chromium or Playwright is not installed
 (.ci/run installs both).
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,33 +20,28 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def browser_ready() -> None:
     pytest.importorskip("playwright.sync_api")
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A trained digits CNN under uvicorn on 127.0.0.1."""
+    browser_ready()
+    from serve_fakes import serving
+
     from mnistlab.cli import main
     from mnistlab.deploy.serve.app import create_app
+    from mnistlab.deploy.serve.server import load_models
 
     run = tmp_path_factory.mktemp("served") / "digits-cnn"
     assert main(["train", "--dataset", "digits", "--epochs", "8", "--threads", "1", "--run-dir", str(run)]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app([str(run)]), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(load_models([str(run)]))) as url:
+        yield url
 
 
 def canvas_ink(page, selector: str) -> int:
@@ -74,6 +66,7 @@ def test_draw_a_digit_see_the_prediction_clear_it(server, tmp_path):
             page.on("request", lambda r: None if r.url.startswith(server) else foreign.append(r.url))
             page.goto(server)
             expect(page.locator("#model")).not_to_be_empty()
+            expect(page.locator("h1")).to_have_text("Draw a digit")
             box = page.locator("#canvas").bounding_box()
             x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
 
@@ -100,6 +93,37 @@ def test_draw_a_digit_see_the_prediction_clear_it(server, tmp_path):
     assert not errors, errors
     assert not foreign, foreign  # no CDN, no network beyond the server
     assert Path(tmp_path / "drawn.png").stat().st_size > 10_000
+
+
+def test_the_heading_asks_for_clothing_when_a_clothing_model_is_served(tmp_path):
+    """The page's heading and title follow /api/models: "Draw a digit" over a clothing model was a defect."""
+    browser_ready()
+    from playwright.sync_api import expect, sync_playwright
+    from serve_fakes import CLOTHES, FakeModel, serving
+
+    from mnistlab.deploy.serve.app import create_app
+
+    with serving(create_app({"fashion-cnn": FakeModel(CLOTHES, "fashion-mnist", answer=8)})) as url, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(url)
+            expect(page.locator("h1")).to_have_text("Draw a piece of clothing")
+            expect(page).to_have_title("mnistlab: draw a piece of clothing")
+            expect(page.locator("#probs")).to_contain_text("Ankle boot")
+            box = page.locator("#canvas").bounding_box()
+            page.mouse.move(box["x"] + 0.3 * box["width"], box["y"] + 0.3 * box["height"])
+            page.mouse.down()
+            page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + 0.7 * box["height"], steps=12)
+            page.mouse.up()
+            expect(page.locator("#prediction")).to_contain_text("Bag", timeout=10_000)
+            page.screenshot(path=str(tmp_path / "clothing.png"), animations="disabled")
+            if os.environ.get("MNISTLAB_CLOTHING_SCREENSHOT"):
+                shutil.copy(tmp_path / "clothing.png", os.environ["MNISTLAB_CLOTHING_SCREENSHOT"])
+        finally:
+            browser.close()
+    assert (tmp_path / "clothing.png").stat().st_size > 10_000
 
 
 def test_the_api_docs_render_offline(server, tmp_path):

@@ -10,19 +10,16 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("schemathesis")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
-from serve_fakes import CLOTHES, FakeModel  # noqa: E402
+from serve_fakes import CLOTHES, FakeModel, serving  # noqa: E402
 
 from mnistlab.deploy.serve.app import create_app  # noqa: E402
-from mnistlab.deploy.serve.server import bind  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent  # the config names its hooks file from here
@@ -30,20 +27,10 @@ ROOT = Path(__file__).parent.parent  # the config names its hooks file from here
 
 @pytest.fixture(scope="module")
 def server():
-    """The app on a free loopback port, in a thread (uvicorn on a socket bound as `mnistlab serve` binds it)."""
     app = create_app({"fake-digits": FakeModel(),
                       "fake-clothes": FakeModel(CLOTHES, "fashion-mnist", threshold=0.9, answer=8)})
-    sock = bind("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
 
 
 def test_schemathesis_with_every_check_finds_nothing(server):
