@@ -425,6 +425,13 @@ def test_serve_on_a_host_that_does_not_resolve_is_one_line(capsys, no_uvicorn):
     assert_one_error_line(capsys.readouterr().err, "no-such-host.invalid")
 
 
+def test_serve_without_the_serve_extra_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "mnistlab.deploy.serve.server")
+    assert main(["serve", "no-such-run"]) == 2
+    assert_one_error_line(capsys.readouterr().err, 'pip install "mnistlab[serve]"')
+
+
 def test_max_upload_mb_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "run", "--max-upload-mb", "0"])

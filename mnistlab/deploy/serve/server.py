@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import uvicorn  # here, not in run_server: without the serve extra, importing this module is what fails
+
+from mnistlab.deploy.serve.app import MAX_UPLOAD, create_app
 from mnistlab.errors import UserError
 
 if TYPE_CHECKING:
@@ -71,10 +74,6 @@ def load_models(run_dirs: list[str]) -> dict[str, Predictor]:
 
 def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None = None) -> None:
     """Serve the runs with uvicorn until interrupted; warn on stderr when others can reach the server."""
-    import uvicorn
-
-    from mnistlab.deploy.serve.app import MAX_UPLOAD, create_app
-
     sock = bind(host, port)  # first: a port in use fails in milliseconds, not after loading every model
     try:
         app = create_app(load_models(run_dirs), max_upload=max_upload or MAX_UPLOAD)
