@@ -255,8 +255,9 @@ async def predict(picture: Annotated[Picture, Depends(read_picture)], s: Annotat
 
 
 def _offline_docs(app: FastAPI) -> None:
-    """/docs with Swagger UI served from the fastapi-offline package's copy (only its files are used):
-    FastAPI's default loads it from a CDN, which shows nothing on a machine without the internet."""
+    """/docs with Swagger UI served from the fastapi-offline package's copy: FastAPI's default loads it from
+    a CDN, which shows nothing on a machine without the internet. Only its files are used, not its FastAPIOffline
+    class: the app stays a plain FastAPI, and /redoc (which would need more of its assets) stays off."""
     import fastapi_offline
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
