@@ -29,6 +29,9 @@ def test_create_makes_the_folder_and_its_parents_and_holds_the_lock(tmp_path):
     path = tmp_path / "a" / "b"
     with RunFolder.create(str(path), "digits", "linear") as r:
         assert r.path == path and r.writes and (path / ".lock").exists()
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (path / ".lock").stat().st_mode & 0o777 == 0o666 & ~umask  # anyone may take it after us
         with pytest.raises(UserError, match=r"b is being written by another running `mnistlab train`; wait for it "
                                             r"to end \(or stop it\), or choose another --run-dir$"):
             RunFolder.open(path)
@@ -46,7 +49,8 @@ def test_create_refuses_a_folder_that_holds_a_run_and_lets_go_of_its_lock(tmp_pa
 
 def test_create_in_a_folder_without_a_run_removes_only_the_temps_of_run_files(tmp_path, capsys):
     (tmp_path / ".checkpoint.safetensors.k1ll3d.tmp").write_bytes(b"half")
-    (tmp_path / ".metrics.jsonl.x.tmp").write_text("")
+    for name in ("metrics.jsonl", "config.json", "env.json", "results.json", "grad_flow.jsonl"):
+        (tmp_path / f".{name}.x.tmp").write_text("")
     (tmp_path / ".notes.txt.x.tmp").write_text("another program's")
     with RunFolder.create(str(tmp_path), "digits", "linear"):
         pass
@@ -276,11 +280,24 @@ def test_git_commit_is_the_head_or_none(monkeypatch, result, commit):
 
 
 def test_environment_records_versions_device_code_and_data(monkeypatch):
+    import platform
+    from datetime import datetime
+
+    import numpy
     import torch
+
+    import mnistlab
 
     monkeypatch.setattr(run, "git_commit", lambda: "abc123")
     dataset = SimpleNamespace(name="digits", source="bundled", location="sklearn", file_sha256={"x": "00"})
     env = run.environment("cpu", dataset, ddp_world_size=1)
+    assert {k: env[k] for k in ("mnistlab", "python", "numpy", "platform", "cpu_count")} == {
+        "mnistlab": mnistlab.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
+        "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    assert env["processor"] and datetime.fromisoformat(env["started"]).tzinfo is not None
+    assert sorted(env) == sorted(["mnistlab", "python", "torch", "numpy", "platform", "processor", "cpu_count",
+                                  "torch_threads", "device", "cuda_device", "git_commit", "dataset", "data_source",
+                                  "data_sha256", "started", "ddp_world_size"])
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["cuda_device"] is None
     assert env["git_commit"] == "abc123" and env["dataset"] == "digits" and env["data_source"] == "bundled: sklearn"
     assert env["data_sha256"] == {"x": "00"} and env["ddp_world_size"] == 1 and env["torch_threads"] >= 1
