@@ -323,11 +323,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tta_views,
         untrained_views_warning,
     )
+    from mnistlab.record import RunRecord
     from mnistlab.run import note
-    from mnistlab.train import load_run_checkpoint
 
     run_dir = Path(args.run_dir)
-    model, meta = load_run_checkpoint(run_dir)  # the checkpoint holds all it needs; config.json is not read
+    model, meta = RunRecord(run_dir).load_model()  # the checkpoint holds all it needs; config.json is not read
     cfg = TrainConfig.from_dict(meta["config"], source=f"{run_dir}: the checkpoint's config")
     ds = load_dataset(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, offline=args.offline or cfg.offline,
                       val_size=cfg.val_size)
@@ -392,20 +392,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_grad_flow(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from mnistlab import gradflow, plots
+    from mnistlab.record import RunRecord
 
     run_dir = Path(args.run_dir)
     records = gradflow.read(run_dir)
     if not records:
         raise UserError(f"{run_dir}: grad_flow.jsonl is empty (did the run reach a recorded step?)")
     try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
+        cfg = RunRecord(run_dir).config()
+    except UserError:
         cfg = {}  # the title only: a missing or damaged config.json does not stop the plot
-    cfg = cfg if isinstance(cfg, dict) else {}
     seq = cfg.get("model_kwargs", {}).get("seq", "rows" if cfg.get("model") in ("rnn", "gru", "lstm") else "")
     title = f"{cfg.get('model', '?')} {('--seq ' + seq) if seq else ''} on {cfg.get('dataset', '?')}"
     out = plots.grad_flow(records, args.output, title=title)
@@ -522,22 +521,36 @@ def _add_calibrate_parser(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.format == "hf":
+        from mnistlab.deploy.model_folder import export_model_folder
+
+        folder, samples_note = export_model_folder(Path(args.run_dir), Path(args.output) if args.output else None)
+        if samples_note:
+            print(samples_note)
+        print(f"wrote {folder}/ (model.safetensors, config.json, README.md{'' if samples_note else ', samples.png'}); "
+              f"upload it with: huggingface-cli upload USER/NAME {folder}")
+        return 0
     from mnistlab.deploy.export import export_onnx
 
     out = export_onnx(Path(args.run_dir), Path(args.output) if args.output else None)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; metadata: classes, mean, std, input layout)")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; metadata: classes, mean, std, input layout, "
+          "preprocessing, calibration)")
     return 0
 
 
 def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="export a run's model to ONNX (with onnxruntime parity checked)",
+    p = sub.add_parser("export", help="export a run's model to ONNX, or as a Hugging Face style model folder",
                        description="Export RUN_DIR's model as one ONNX file (torch.onnx dynamo export, a dynamic "
-                                   "batch dimension, metadata: classes, mean, std, input layout, preprocessing). "
-                                   "The file is written only after onnxruntime reproduces PyTorch's logits. "
-                                   'Needs the export extra: pip install "mnistlab[export]".')
+                                   "batch dimension, metadata: classes, mean, std, input layout, preprocessing, "
+                                   "calibration), written only after onnxruntime reproduces PyTorch's logits "
+                                   '(needs the export extra: pip install "mnistlab[export]"); or, with --format hf, '
+                                   "as a model folder in Hugging Face's conventions: model.safetensors, "
+                                   "config.json, a model card (README.md) and samples.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="the only format: onnx (default)")
-    p.add_argument("-o", "--output", metavar="FILE", help="where to write (default: RUN_DIR/model.onnx)")
+    p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                   help="onnx (default): one .onnx file; hf: a model folder (docs/deploy.md)")
+    p.add_argument("-o", "--output", metavar="PATH",
+                   help="where to write (default: RUN_DIR/model.onnx, or the folder RUN_DIR/hf for --format hf)")
     p.set_defaults(func=cmd_export)
 
 
