@@ -29,7 +29,7 @@ def pictures(run_dir: str, n: int = 64) -> list[bytes]:
     from PIL import Image
 
     from mnistlab.data.dataset import load_dataset
-    from mnistlab.train import load_run_checkpoint
+    from mnistlab.record import load_run_checkpoint
 
     _, meta = load_run_checkpoint(run_dir)
     ds = load_dataset(meta["config"]["dataset"], data_dir=meta["config"]["data_dir"])

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab import distributed, gradflow
-from mnistlab.checkpoint import CHECKPOINT, PRETRAIN_KIND, RUN_META, Read, prefixed, read_checkpoint, require_meta
+from mnistlab.checkpoint import CHECKPOINT, PRETRAIN_KIND, Read, prefixed, read_checkpoint
 from mnistlab.config import TrainConfig, model_label
 from mnistlab.data.batches import augment_batch, random_erase, shifted_crops, to_input
 from mnistlab.data.dataset import Dataset, load_dataset
@@ -501,21 +501,3 @@ def _world_record(engine: TorchEngine) -> dict[str, Any]:
                       cudnn_benchmark=torch.backends.cudnn.benchmark)
     return record
 
-
-def load_run_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model of a run folder (either engine) and its checkpoint metadata."""
-    ckpt = Path(run_dir) / CHECKPOINT
-    if not ckpt.is_file():
-        raise UserError(f"{run_dir}: no {CHECKPOINT} (not a run folder, or it never finished an epoch)")
-    read = read_checkpoint(ckpt)
-    if read[1].get("kind") == PRETRAIN_KIND:
-        raise UserError(f"{run_dir}: a pre-training run (an encoder, no classifier); fine-tune it with "
-                        f"`mnistlab train --model {read[1].get('model')} --init {run_dir}`")
-    require_meta(read[1], RUN_META, ckpt)
-    if read[1].get("engine") == "scratch":
-        from mnistlab.scratch.train import load_model as load_scratch
-
-        return load_scratch(ckpt, read)
-    from mnistlab.checkpoint import load_model
-
-    return load_model(ckpt, read=read)

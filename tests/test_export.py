@@ -21,7 +21,7 @@ from mnistlab.data.batches import to_input  # noqa: E402
 from mnistlab.deploy.export import ATOL, RTOL, export_onnx, onnx_logits, onnx_session  # noqa: E402
 from mnistlab.errors import UserError  # noqa: E402
 from mnistlab.models import list_models  # noqa: E402
-from mnistlab.train import load_run_checkpoint  # noqa: E402
+from mnistlab.record import load_run_checkpoint  # noqa: E402
 
 N_IMAGES = 1000
 
@@ -127,7 +127,7 @@ def test_a_failing_export_is_a_user_error_and_leaves_no_file(tmp_path, idx_dir, 
 
 
 def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(tmp_path, idx_dir, monkeypatch):
-    import mnistlab.train
+    import mnistlab.record
 
     class FixedBatch(torch.nn.Module):
         def __init__(self, model):
@@ -138,8 +138,8 @@ def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(tmp_path, idx
             return self.model(x).reshape(len(x), -1)  # len(): a Python int, the batch size fixed under torch.export
 
     run = train_run(tmp_path, idx_dir, "linear")
-    real = mnistlab.train.load_run_checkpoint
-    monkeypatch.setattr(mnistlab.train, "load_run_checkpoint", lambda d: (FixedBatch(real(d)[0]), real(d)[1]))
+    real = mnistlab.record.load_run_checkpoint
+    monkeypatch.setattr(mnistlab.record, "load_run_checkpoint", lambda d: (FixedBatch(real(d)[0]), real(d)[1]))
     with pytest.raises(UserError, match="dynamic batch size: torch.export fixed the batch size"):
         export_onnx(run)
     assert not (run / "model.onnx").exists()

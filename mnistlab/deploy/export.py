@@ -76,7 +76,7 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
 
 def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
     """Export the model of `run_dir` to ONNX at `out` (default RUN_DIR/model.onnx); return the path."""
-    from mnistlab.train import load_run_checkpoint
+    from mnistlab.record import load_run_checkpoint
 
     onnx, _ = _require_onnx()
     run_dir = Path(run_dir)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnistlab.calibration import CALIBRATION, fit_calibration, model_logits, read_calibration
+from mnistlab.calibration import CALIBRATION, fit_calibration, model_logits
 from mnistlab.deploy.preprocess import Prepared, prepare
 from mnistlab.errors import UserError
 
@@ -46,18 +46,34 @@ class Predictor:
     calibration: calibration.json's contents, or None; calibration_note: why it is missing, or ""."""
 
     def __init__(self, run_dir: str | Path, *, warn_uncalibrated: bool = True) -> None:
-        from mnistlab.run import note
-        from mnistlab.train import load_run_checkpoint
+        from mnistlab.record import RunRecord
 
-        self.run_dir = Path(run_dir)
-        self.model, self.meta = load_run_checkpoint(self.run_dir)
+        record = RunRecord(run_dir)
+        model, meta = record.load_model()
+        calibration, why_not = record.calibration(meta["step"])
+        self._take(Path(run_dir), model, meta, calibration, why_not, warn_uncalibrated)
+
+    @classmethod
+    def from_parts(cls, source: str | Path, model: torch.nn.Module, meta: dict[str, Any],
+                   calibration: dict[str, Any] | None, why_not: str = "no calibration",
+                   warn_uncalibrated: bool = True) -> Predictor:
+        """A Predictor of a model read elsewhere (an exported model folder): `meta` as a run checkpoint's."""
+        predictor = cls.__new__(cls)
+        predictor._take(Path(source), model, meta, calibration, why_not, warn_uncalibrated)
+        return predictor
+
+    def _take(self, run_dir: Path, model: torch.nn.Module, meta: dict[str, Any], calibration: dict[str, Any] | None,
+              why_not: str, warn_uncalibrated: bool) -> None:
+        from mnistlab.run import note
+
+        self.run_dir, self.model, self.meta = run_dir, model, meta
         if self.meta.get("engine") == "scratch":
             raise UserError(f"{run_dir}: predict serves torch-engine runs (this one was trained by the scratch engine)")
         self.model.eval()
         self.classes: list[str] = list(self.meta["classes"])
         self.dataset: str = self.meta["config"]["dataset"]
         self.mean, self.std = float(self.meta["mean"]), float(self.meta["std"])
-        self.calibration, why_not = read_calibration(self.run_dir, self.meta["step"])
+        self.calibration = calibration
         self.temperature: float = self.calibration["temperature"] if self.calibration else 1.0
         self.threshold: float | None = self.calibration["threshold"] if self.calibration else None
         self.calibration_note = "" if self.calibration else (

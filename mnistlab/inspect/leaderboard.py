@@ -48,7 +48,8 @@ from typing import Any
 from mnistlab.config import TrainConfig
 from mnistlab.errors import UserError
 from mnistlab.files import atomic_write_text
-from mnistlab.run import CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULTS
+from mnistlab.record import RunRecord
+from mnistlab.run import CHECKPOINT, CONFIG, ENV, LOCK, RESULTS
 
 # Config fields that say where or how a run executed, not what it computes (module docstring).
 WHERE_FIELDS = frozenset({"run_dir", "threads", "device", "data_dir", "offline", "eval_batch_size", "deterministic",
@@ -135,56 +136,27 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return statistics.mean(known) if known else None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-
-
-def _pretraining(path: Path) -> bool:
-    """Whether the folder holds a `mnistlab pretrain` run: its results say so, or its config has pre-training
-    fields (an unfinished one has no results yet)."""
-    from mnistlab.checkpoint import PRETRAIN_KIND
-    from mnistlab.config import PretrainConfig
-
-    if (path / RESULTS).is_file():
-        results = _read_json(path / RESULTS)
-        if isinstance(results, dict) and results.get("kind") == PRETRAIN_KIND:
-            return True
-    if not (path / CONFIG).is_file():
-        return False
-    config = _read_json(path / CONFIG)
-    only_pretrain = set(PretrainConfig.__dataclass_fields__) - set(TrainConfig.__dataclass_fields__)
-    return isinstance(config, dict) and bool(only_pretrain & set(config))
-
-
 def load_run(path: str | Path) -> Run:
     """Read a finished training run folder; anything else is a UserError saying what it is."""
-    path = Path(path)
+    record = RunRecord(path)
+    path = record.path
     if not path.is_dir():
         raise UserError(f"{path}: {'not a folder' if path.exists() else 'no such run folder'}")
-    if _pretraining(path):
+    if record.is_pretraining():
         raise UserError(f"{path}: a pre-training run (an encoder: no test accuracy to compare)")
     if [p.name for p in path.iterdir()] == [LOCK]:
         raise UserError(f"{path}: holds only {LOCK} (a run that stopped before its first checkpoint); delete it")
-    missing = [n for n in (CONFIG, RESULTS, CHECKPOINT) if not (path / n).is_file()]
+    missing = [n for n in (CONFIG, RESULTS, CHECKPOINT) if not record.has(n)]
     if missing:
         hint = (f"; unfinished: `mnistlab train --resume {path}` finishes it"
-                if (path / CONFIG).is_file() and RESULTS in missing else "")
+                if record.has(CONFIG) and RESULTS in missing else "")
         raise UserError(f"{path}: not a finished run (no {', '.join(missing)}){hint}")
-    config = TrainConfig.from_dict(_read_json(path / CONFIG), source=str(path / CONFIG)).to_dict()
-    results = _read_json(path / RESULTS)
-    if not isinstance(results, dict) or "test_accuracy" not in results:
+    config = TrainConfig.from_dict(record.config(), source=str(path / CONFIG)).to_dict()
+    results = record.results()
+    if "test_accuracy" not in results:
         raise UserError(f"{path / RESULTS}: no test_accuracy in it")
-    metrics = []
-    if (path / METRICS).is_file():
-        try:
-            metrics = [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
-        except ValueError as e:
-            raise UserError(f"{path / METRICS}: not JSON lines ({e})") from None
-    env = _read_json(path / ENV) if (path / ENV).is_file() else {}
-    return Run(path, config, results, metrics, env)
+    env = record.env() if record.has(ENV) else {}
+    return Run(path, config, results, record.metrics(), env)
 
 
 def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
@@ -293,7 +265,7 @@ def measure(row: Row, threads: int | None = None) -> None:
     import torch
 
     from mnistlab.models.flops import forward_flops
-    from mnistlab.train import load_run_checkpoint
+    from mnistlab.record import load_run_checkpoint
 
     model, meta = load_run_checkpoint(row.runs[0].path)
     if meta.get("engine") == "scratch":

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from markupsafe import Markup
 
-from mnistlab.errors import UserError
 from mnistlab.plots import figure_png
 
 REPORT = "report.html"
@@ -122,15 +121,6 @@ class Context:
         return torch.tensor((picked + rest)[:SAMPLE_SIZE])
 
 
-def _read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot be read ({e})") from None
-
-
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, images: torch.Tensor, mean: float, std: float, batch: int = 1000) -> torch.Tensor:
     """(N, K) float32 logits of uint8 images (N, 28, 28), plain views, in batches."""
@@ -144,18 +134,17 @@ def load_context(run_dir: Path) -> Context:
     """Read the run folder and its dataset; evaluate the model once on validation and test."""
     from mnistlab.config import TrainConfig
     from mnistlab.data.dataset import load_dataset
-    from mnistlab.run import METRICS, RESULTS, read_metrics
-    from mnistlab.train import load_run_checkpoint
+    from mnistlab.record import RunRecord
+    from mnistlab.run import ENV, RESULTS
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run folder")
-    model, meta = load_run_checkpoint(run_dir)
+    record = RunRecord(run_dir)
+    run_dir = record.path
+    model, meta = record.load_model()
     cfg = TrainConfig.from_dict(meta["config"], source=f"{run_dir}: the checkpoint's config")
-    metrics = read_metrics(run_dir / METRICS)
+    metrics = record.metrics()
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, offline=cfg.offline, val_size=cfg.val_size)
-    ctx = Context(run_dir=run_dir, config=meta["config"], env=_read_json(run_dir / "env.json"),
-                  results=_read_json(run_dir / RESULTS), metrics=metrics, meta=meta, model=model,
+    ctx = Context(run_dir=run_dir, config=meta["config"], env=record.env() if record.has(ENV) else None,
+                  results=record.results() if record.has(RESULTS) else None, metrics=metrics, meta=meta, model=model,
                   classes=list(meta["classes"]), mean=float(meta["mean"]), std=float(meta["std"]),
                   val_images=ds.val_images, val_labels=ds.val_labels.long(),
                   test_images=ds.test_images, test_labels=ds.test_labels.long())
