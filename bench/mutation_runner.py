@@ -3,7 +3,8 @@ fresh pytest for each mutant (bench/mutation.sh starts it). mutmut runs a comman
 command's seconds went on importing torch, not on the tests.
 
     python bench/mutation_runner.py serve SOCKET            # in the folder being mutated
-    python bench/mutation_runner.py run SOCKET PYTEST_ARGS  # what mutmut runs: exits as the tests did
+    python bench/mutation_runner.py run SOCKET PYTEST_ARGS  # what mutmut runs: 0 if the tests passed, else 1
+    python bench/mutation_runner.py plain PYTEST_ARGS       # the same without the server
 
 The server never imports mnistlab: each forked child imports it from disk, so it sees the current mutant.
 """
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 TIMEOUT_S = 120  # a mutant that loops for ever is ended here (mutmut also gives up on its runner)
@@ -60,19 +62,27 @@ def serve(path: str) -> None:
 
 
 def run(path: str, args: list[str]) -> int:
+    """1 unless the tests passed: mutmut 2.5 counts only exit status 1 as a kill, so a mutant that breaks the
+    import (pytest's status 2, a collection error) would otherwise be called a survivor."""
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         client.connect(path)
     except OSError:  # no server: run the tests the slow way rather than report a kill that did not happen
-        os.execv(sys.executable, [sys.executable, "-m", "pytest", *args])
+        return plain(args)
     client.sendall((json.dumps(args) + "\n").encode())
     reply = client.makefile().readline().strip()
-    return int(reply) if reply else 1
+    return 0 if reply == "0" else 1
+
+
+def plain(args: list[str]) -> int:
+    """The same tests in a fresh interpreter (how bench/mutation.sh double-checks a survivor)."""
+    return 0 if subprocess.call([sys.executable, "-m", "pytest", *args]) == 0 else 1
 
 
 if __name__ == "__main__":
-    command, sock = sys.argv[1], sys.argv[2]
-    if command == "serve":
-        serve(sock)
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2])
+    elif sys.argv[1] == "plain":
+        sys.exit(plain(sys.argv[2:]))
     else:
-        sys.exit(run(sock, sys.argv[3:]))
+        sys.exit(run(sys.argv[2], sys.argv[3:]))

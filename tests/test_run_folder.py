@@ -396,3 +396,88 @@ def test_kill_points_signal_only_where_and_on_the_rank_asked(monkeypatch, env, s
     monkeypatch.setattr(os, "kill", lambda pid, sig: signals.append((pid, sig)))
     kill_point_for_tests("step", 3)
     assert signals == [(os.getpid(), s) for s in sent]
+
+
+# ---- a new run that fails before its first checkpoint leaves nothing behind ----------------------------------
+
+class Boom(Exception):
+    pass
+
+
+def fail_inside(r: RunFolder, write_checkpoint: bool = False) -> None:
+    with pytest.raises(Boom), r:
+        r.write_config("{}")
+        r.start_metrics()
+        (r.path / "tb").mkdir()
+        (r.path / "tb" / "events").write_text("x")
+        if write_checkpoint:
+            r.file("checkpoint.safetensors").write_bytes(b"weights")
+        raise Boom
+
+
+def test_a_failed_new_run_removes_the_folder_it_made(tmp_path):
+    fail_inside(RunFolder.create(str(tmp_path / "new" / "run"), "digits", "linear"))
+    assert not (tmp_path / "new" / "run").exists() and (tmp_path / "new").is_dir()
+
+
+def test_a_failed_default_run_removes_its_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fail_inside(RunFolder.create(None, "digits", "linear"))
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_failed_run_in_a_given_folder_keeps_what_was_there(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    target = tmp_path.parent / f"{tmp_path.name}-target"
+    target.mkdir(exist_ok=True)
+    r = RunFolder.create(str(tmp_path), "digits", "linear")
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)  # the run's own link to a folder elsewhere
+    fail_inside(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"] and target.is_dir()
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "no-error", "resumed", "follower"])
+def test_a_run_with_a_checkpoint_or_no_error_or_not_new_keeps_its_files(tmp_path, how):
+    path = tmp_path / "run"
+    if how == "checkpoint":
+        fail_inside(RunFolder.create(str(path), "digits", "linear"), write_checkpoint=True)
+    elif how == "no-error":
+        with RunFolder.create(str(path), "digits", "linear") as r:
+            r.write_config("{}")
+    else:
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+        fail_inside(RunFolder.open(path) if how == "resumed" else RunFolder.follow(path))
+    assert (path / "config.json").exists() and (path / "tb" / "events").exists() == (how != "no-error")
+
+
+def test_a_clean_up_that_fails_never_hides_the_runs_own_error(tmp_path, monkeypatch):
+    def refuse(p, *args, **kwargs):
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(run.shutil, "rmtree", refuse)
+    fail_inside(RunFolder.create(str(tmp_path / "run"), "digits", "linear"))  # Boom, not OSError
+    assert (tmp_path / "run" / "tb").is_dir()
+
+
+def test_begin_writes_the_first_files_and_names_the_folder(folder, capsys):
+    config = SimpleNamespace(to_json=lambda: '{"epochs": 3}', describe=lambda: "mlp on digits, 3 epochs")
+    folder.begin(config, {"python": "3.11"})
+    assert folder.file("config.json").read_text() == '{"epochs": 3}\n'
+    assert folder.file("metrics.jsonl").read_text() == ""
+    assert json.loads(folder.file("env.json").read_text()) == {"python": "3.11"}
+    assert capsys.readouterr().err == f"run folder {folder.path}\nmlp on digits, 3 epochs\n"
+
+
+# ---- counts and durations in messages ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, text", [(0, "0 threads"), (1, "1 thread"), (2, "2 threads"), (1200, "1,200 threads")])
+def test_plural(n, text):
+    assert run.plural(n, "thread") == text
+
+
+@pytest.mark.parametrize("seconds, text", [(59.94, "59.9 s"), (60, "1.0 min"), (3599, "60.0 min"), (3600, "1.0 h"),
+                                           (5400, "1.5 h"), (90, "1.5 min")])
+def test_durations_are_seconds_then_minutes_then_hours(seconds, text):
+    assert run.duration_text(seconds) == text
