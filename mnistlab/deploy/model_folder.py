@@ -128,12 +128,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
+    from mnistlab.checkpoint import CHECKPOINT
+
     path = folder / CONFIG
+    if (folder / CHECKPOINT).is_file():  # a run folder has a config.json too, of another kind
+        raise UserError(f"{folder}: a training run, not a model folder; `mnistlab.load` reads it, and "
+                        f"`mnistlab export {folder} --format hf` makes a model folder of it")
     if not path.is_file():
-        hint = (" (it is a training run: give it to `mnistlab export` or `mnistlab.load`)"
-                if (folder / "checkpoint.safetensors").is_file() else
-                f" (`mnistlab export RUN_DIR --format hf -o {folder}` writes one)")
-        raise UserError(f"{folder}: not an mnistlab model folder, no {CONFIG}{hint}")
+        raise UserError(f"{folder}: not an mnistlab model folder, no {CONFIG} "
+                        f"(`mnistlab export RUN_DIR --format hf -o {folder}` writes one)")
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
