@@ -243,12 +243,14 @@ def test_an_epoch_line_shows_accuracies_only_when_the_record_has_them():
                                          "4.6s  12,346 img/s")
 
 
-@pytest.mark.parametrize("asked, used, warned", [(None, None, False), (1, 1, False), (2, 2, False), (3, 2, True)])
-def test_threads_beyond_the_cores_are_capped_with_a_warning(monkeypatch, capsys, asked, used, warned):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5})
+@pytest.mark.parametrize("asked, used, warned", [(None, None, False), (1, 1, False), (3, 3, False), (4, 3, True)])
+def test_threads_beyond_the_cores_this_process_may_use_are_capped_with_a_warning(monkeypatch, capsys, asked, used,
+                                                                                  warned):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7} if pid == 0 else set(range(64)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's, not this process's share of it
     assert cap_threads(asked) == used
     err = capsys.readouterr().err
-    assert (err == "warning: --threads 3 is more than the 2 cores; using 2\n") == warned and (err == "") != warned
+    assert (err == "warning: --threads 4 is more than the 3 cores; using 3\n") == warned and (err == "") != warned
 
 
 def test_cores_come_from_cpu_count_where_affinity_is_unknown(monkeypatch):
@@ -270,7 +272,8 @@ def test_cores_come_from_cpu_count_where_affinity_is_unknown(monkeypatch):
 ])
 def test_git_commit_is_the_head_or_none(monkeypatch, result, commit):
     def fake_run(cmd, **kwargs):
-        assert cmd == ["git", "rev-parse", "HEAD"] and kwargs["timeout"] == 5
+        assert cmd == ["git", "rev-parse", "HEAD"]
+        assert kwargs == {"cwd": run.Path(run.__file__).parent, "capture_output": True, "text": True, "timeout": 5}
         if isinstance(result, Exception):
             raise result
         return result
@@ -301,6 +304,9 @@ def test_environment_records_versions_device_code_and_data(monkeypatch):
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["cuda_device"] is None
     assert env["git_commit"] == "abc123" and env["dataset"] == "digits" and env["data_source"] == "bundled: sklearn"
     assert env["data_sha256"] == {"x": "00"} and env["ddp_world_size"] == 1 and env["torch_threads"] >= 1
+    monkeypatch.setattr(platform, "processor", lambda: "")  # where Python cannot name the processor
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert run.environment("cpu", dataset)["processor"] == "arm64"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"gpu{i}")
     assert run.environment("cuda:1", dataset)["cuda_device"] == "gpu0"
 
