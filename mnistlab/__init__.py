@@ -1,7 +1,64 @@
 """mnistlab: a deep-learning lab around MNIST and its family, with no black boxes.
 
+From Python, the same runs, pictures and answers as the command line:
+
+    import mnistlab
+    run = mnistlab.train(dataset="digits", model="cnn", epochs=3)  # `mnistlab train --dataset digits ...`
+    clf = mnistlab.load(run.path)         # a run folder, or a model folder from `mnistlab export --format hf`
+    clf.predict("seven.png")              # Prediction(status='ok', label='7', probability=0.97, ...)
+    clf.predict([path, pil_image, array], top=3)   # same answers and preprocessing as `mnistlab predict`
+    clf.logits(images_u8)                 # (N, K) for prepared (N, 28, 28) uint8 images
+    clf.classes, clf.model, clf.config    # the torch module is right there
+
+What it offers:
+    load(path) -> Classifier      a trained model with its preprocessing and calibration (mnistlab/api.py)
+    train(**flags) -> Run         `mnistlab train`'s flags as keywords, checked the same way; quiet=True
+                                  (mnistlab.train is also the training module, made callable: api.train)
+    Prediction                    one answer: label, index, probability, status, top, image
+    RunRecord                     one reader of a run folder: config, env, metrics, results, the model
+    MnistlabError                 the one exception type (the CLI prints it as one line, exit status 2)
+
 Importing the package stays cheap: torch, numpy and matplotlib are imported by the submodules
-that need them, never here.
+that need them, never here (`load` and `train` import them when called).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mnistlab.errors import UserError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from mnistlab.api import Classifier
+    from mnistlab.deploy.predict import Prediction
+    from mnistlab.record import RunRecord
+
 __version__ = "0.1.0"
+__all__ = ["Classifier", "MnistlabError", "Prediction", "Run", "RunRecord", "UserError", "load", "train"]
+
+MnistlabError = UserError  # the one exception type, under the name a user of the package looks for
+
+_LAZY = {"Classifier": "mnistlab.api", "Run": "mnistlab.api", "Prediction": "mnistlab.deploy.predict",
+         "RunRecord": "mnistlab.record"}
+
+
+def load(path: str | Path, *, warn_uncalibrated: bool = True) -> Classifier:
+    """A trained model from a run folder or an exported model folder: `clf = mnistlab.load("runs/RUN")`."""
+    from mnistlab.api import load as load_classifier
+
+    return load_classifier(path, warn_uncalibrated=warn_uncalibrated)
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name == "train":
+        # `mnistlab.train` is also the training module (mnistlab/train.py), which Python binds to this name when
+        # anything imports it; so the name is always that module, made callable: mnistlab.train(**flags) is
+        # api.train. It is imported here, on first use, so `import mnistlab` stays cheap.
+        return importlib.import_module("mnistlab.train")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mnistlab' has no attribute {name!r}")

@@ -268,6 +268,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    start_training(args)
+    return 0
+
+
+def start_training(args: argparse.Namespace, progress: bool | None = None) -> str:
+    """`mnistlab train`'s work, shared with `mnistlab.train(**flags)`: resolve and check the flags (a bad one fails
+    before any data is loaded), train, and return the run folder. progress: tqdm bars (None: when stderr is a
+    terminal)."""
     from dataclasses import fields
 
     from mnistlab.config import TrainConfig, resolve_config
@@ -293,8 +301,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if _under_torchrun():
                 raise UserError("--engine scratch trains in one process; run it without torchrun")
 
-            scratch_train.train(cfg)
-            return 0
+            scratch_train.train(cfg, progress=progress)
+            return cfg.run_dir
         from mnistlab.models import create_model, model_entry
 
         model_entry(cfg.model)  # an unknown name fails here, before any data is loaded
@@ -303,8 +311,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         create_model(cfg.model, **cfg.model_kwargs)  # and so does a bad --model-arg
     from mnistlab.train import train
 
-    train(cfg, resume=bool(args.resume))
-    return 0
+    train(cfg, resume=bool(args.resume), progress=progress)
+    return cfg.run_dir
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

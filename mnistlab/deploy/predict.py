@@ -31,7 +31,7 @@ class Prediction:
     index: int | None = None
     probability: float | None = None
     top: list[dict[str, Any]] = field(default_factory=list)
-    image: np.ndarray | None = None  # the 28x28 view the model saw
+    image: np.ndarray | None = field(default=None, repr=False)  # the 28x28 view the model saw
 
     def to_dict(self) -> dict[str, Any]:
         return dict(path=self.path, status=self.status, label=self.label, index=self.index,

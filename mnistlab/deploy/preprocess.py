@@ -73,20 +73,23 @@ def load_ink(path: str | Path) -> tuple[np.ndarray, bool]:
             if im.width * im.height > MAX_PIXELS:
                 raise UnreadableImage(f"{path}: {im.width}x{im.height} is too large (at most {MAX_PIXELS:,} pixels)")
             im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0  # (H, W, 4)
-                alpha = rgba[..., 3]
-                if alpha.max() - alpha.min() > BLANK_INK:
-                    # a transparent canvas: the ink is where the alpha is, whatever its colour
-                    return alpha, False
-                grey = rgba[..., :3].mean(-1)
-            else:
-                grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0  # (H, W)
+            return ink_from_image(im)
     except Image.DecompressionBombError:
         raise UnreadableImage(f"{path}: too large (at most {MAX_PIXELS:,} pixels; refused before decoding)") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise UnreadableImage(f"{path}: not a readable PNG, JPEG or BMP image ({e})") from None
-    return ink_from_grey(grey)
+
+
+def ink_from_image(im: Image.Image) -> tuple[np.ndarray, bool]:
+    """(ink, inverted) of a decoded picture: the alpha channel of a transparent canvas, else its grey levels."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0  # (H, W, 4)
+        alpha = rgba[..., 3]
+        if alpha.max() - alpha.min() > BLANK_INK:
+            # a transparent canvas: the ink is where the alpha is, whatever its colour
+            return alpha, False
+        return ink_from_grey(rgba[..., :3].mean(-1))
+    return ink_from_grey(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
 
 
 def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -228,5 +231,38 @@ def convention_for(dataset: str) -> str:
 def prepare(path: str | Path, dataset: str) -> Prepared:
     """Read a picture and make the model's 28x28 view of it, by the dataset's convention."""
     ink, inverted = load_ink(path)
+    image, blank = to_model_input(ink, convention_for(dataset))
+    return Prepared(image=image, blank=blank, inverted=inverted)
+
+
+def prepare_picture(picture: str | Path | Image.Image | np.ndarray, dataset: str) -> Prepared:
+    """prepare() for a picture already in memory too: a PIL image, or a numpy array (H, W) or (H, W, 3|4) of uint8,
+    or (H, W) of floats in [0, 1] (1 is white). A uint8 array is read as the PNG holding it would be."""
+    from PIL import Image
+
+    if isinstance(picture, str | Path):
+        return prepare(picture, dataset)
+    if isinstance(picture, np.ndarray):
+        shape = "x".join(map(str, picture.shape))
+        colour = picture.ndim == 3 and picture.shape[2] in (3, 4)
+        if not ((picture.dtype == np.uint8 and (picture.ndim == 2 or colour))
+                or (picture.dtype.kind == "f" and picture.ndim == 2)):
+            raise UnreadableImage(f"a {shape} array of {picture.dtype}: a picture is (H, W) or (H, W, 3|4) uint8, "
+                                  "or (H, W) floats in [0, 1]")
+        if picture.shape[0] * picture.shape[1] > MAX_PIXELS:
+            raise UnreadableImage(f"a {shape} array is too large (at most {MAX_PIXELS:,} pixels)")
+        if picture.dtype.kind == "f":
+            if not (np.isfinite(picture).all() and picture.min() >= 0 and picture.max() <= 1):
+                raise UnreadableImage(f"a {shape} float array: its values must lie in [0, 1] (1 is white)")
+            ink, inverted = ink_from_grey(picture.astype(np.float32))
+        else:
+            ink, inverted = ink_from_image(Image.fromarray(picture))
+    elif isinstance(picture, Image.Image):
+        if picture.width * picture.height > MAX_PIXELS:
+            raise UnreadableImage(f"a {picture.width}x{picture.height} image is too large "
+                                  f"(at most {MAX_PIXELS:,} pixels)")
+        ink, inverted = ink_from_image(picture)
+    else:
+        raise UnreadableImage(f"a {type(picture).__name__}: give a file path, a PIL image or a numpy array")
     image, blank = to_model_input(ink, convention_for(dataset))
     return Prepared(image=image, blank=blank, inverted=inverted)
