@@ -4,6 +4,7 @@ a failed export writes nothing."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import onnx  # noqa: E402
 from mnistlab import __version__  # noqa: E402
 from mnistlab.config import resolve_config  # noqa: E402
 from mnistlab.data.batches import to_input  # noqa: E402
-from mnistlab.deploy.export import ATOL, RTOL, export_onnx, onnx_logits, onnx_session  # noqa: E402
+from mnistlab.deploy.export import ATOL, METADATA_KEYS, RTOL, export_onnx, onnx_logits, onnx_session  # noqa: E402
 from mnistlab.errors import UserError  # noqa: E402
 from mnistlab.models import list_models  # noqa: E402
 from mnistlab.record import load_run_checkpoint  # noqa: E402
@@ -102,10 +103,63 @@ def test_the_file_carries_what_a_consumer_needs_in_its_metadata(tmp_path, idx_di
     assert props["test_time_augmentation"] == "none"
     assert props["model"] == "mlp" and json.loads(props["model_kwargs"]) == {"hidden": [32]}
     assert props["mnistlab_version"] == __version__
+    assert props["input_size"] == "28,28" and props["ink"] == "light on black"
+    calibration = json.loads((run / "calibration.json").read_text())  # written when training ended
+    assert json.loads(props["temperature"]) == calibration["temperature"]
+    assert json.loads(props["threshold"]) == calibration["threshold"]
+    assert json.loads(props["calibration"]) == calibration
+    assert set(props) == set(METADATA_KEYS)
     (image,), (logits,) = proto.graph.input, proto.graph.output
     assert (image.name, logits.name) == ("image", "logits")
     assert image.type.tensor_type.shape.dim[0].dim_param == "batch"  # any batch size
     assert [d.dim_value for d in image.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
+
+
+def test_an_uncalibrated_run_exports_temperature_one_and_no_threshold(tmp_path, idx_dir):
+    run = train_run(tmp_path, idx_dir, "linear")
+    (run / "calibration.json").unlink()
+    props = {p.key: p.value for p in onnx.load(export_onnx(run)).metadata_props}
+    assert (props["temperature"], props["threshold"]) == ("1.0", "null")
+    assert json.loads(props["calibration"]) == {"note": "no calibration.json"}
+
+
+def docs_recipe() -> str:
+    """The onnxruntime recipe of docs/deploy.md: its python block that opens an InferenceSession."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "ort.InferenceSession" in b]
+    return block
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dark_on_light", [True, False])
+def test_the_docs_onnxruntime_recipe_gives_mnistlab_predicts_probabilities(tmp_path, idx_dir, monkeypatch, capsys,
+                                                                            dark_on_light):
+    from PIL import Image
+
+    from mnistlab.cli import main
+    from mnistlab.data.digits import load_digits_28
+
+    run = train_run(tmp_path, idx_dir, "cnn")
+    calibration = json.loads((run / "calibration.json").read_text())
+    calibration.update(temperature=0.7, threshold=0.5)  # a temperature the recipe must divide by
+    (run / "calibration.json").write_text(json.dumps(calibration))
+    export_onnx(run, tmp_path / "model.onnx")
+    digit = load_digits_28()[2][7]  # (28, 28) uint8, a real test digit
+    big = np.kron(digit, np.ones((10, 10), np.uint8))  # 280x280, as a person's picture
+    Image.fromarray(255 - big if dark_on_light else big).save(tmp_path / "picture.png")
+
+    capsys.readouterr()  # training's and export's lines
+    assert main(["predict", str(run), str(tmp_path / "picture.png"), "--json", "--top", "10"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    want = np.zeros(10)
+    for t in predicted["top"]:
+        want[t["index"]] = t["probability"]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(docs_recipe(), "docs/deploy.md", "exec"), namespace)
+    printed = capsys.readouterr().out.split()
+    np.testing.assert_allclose(namespace["p"], want, rtol=0, atol=1e-5)
+    assert printed[0] == predicted["label"] and printed[2] == predicted["status"]
 
 
 def test_a_failing_export_is_a_user_error_and_leaves_no_file(tmp_path, idx_dir, monkeypatch):

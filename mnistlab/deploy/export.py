@@ -6,8 +6,10 @@
 The graph comes from torch.onnx.export(dynamo=True) (torch.export underneath; TorchScript export is
 deprecated upstream and not offered), with a dynamic batch dimension: input "image" (N, C, 28, 28)
 float32, output "logits" (N, K), no softmax. Everything a consumer needs to feed it is in the
-file's metadata_props (METADATA_KEYS): the classes, the normalisation, the input layout, the dataset
-whose conventions a picture must follow, the model and its options, the mnistlab version.
+file's metadata_props (METADATA_KEYS): the classes, the normalisation, the input layout and size, the
+dataset whose conventions a picture must follow, the calibration (temperature and reject threshold, from
+the run's calibration.json), the model and its options, the mnistlab version. docs/deploy.md shows
+onnxruntime predicting from the file and a prepared picture alone (tests/test_export.py runs it).
 
 Before anything is written, onnxruntime runs the exported graph against PyTorch on a batch of a size
 the trace never saw: a model that cannot be exported, or exports wrongly, is one UserError and no file.
@@ -34,8 +36,9 @@ from mnistlab.files import atomic_write_bytes
 ONNX_FILE = "model.onnx"
 IMG_SIZE = 28  # every dataset of the family is 28x28; the models' img_size is the dataset's, not an option
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-METADATA_KEYS = ("classes", "mean", "std", "input_layout", "preprocessing", "dataset", "test_time_augmentation",
-                 "model", "model_kwargs", "mnistlab_version")
+METADATA_KEYS = ("classes", "mean", "std", "input_layout", "input_size", "ink", "preprocessing", "dataset",
+                 "temperature", "threshold", "calibration", "test_time_augmentation", "model", "model_kwargs",
+                 "mnistlab_version")
 ATOL, RTOL = 1e-4, 1e-3  # the parity the file promises (tests/test_export.py measures it on 1,000 images)
 INSTALL_HINT = 'pip install "mnistlab[export]"'
 
@@ -52,20 +55,31 @@ def _require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """The metadata_props of a run's ONNX file, from its checkpoint metadata (all values strings)."""
+def onnx_metadata(meta: dict[str, Any], calibration: dict[str, Any] | None = None,
+                  calibration_note: str = "") -> dict[str, str]:
+    """The metadata_props of a run's ONNX file, from its checkpoint metadata and calibration.json's contents
+    (None: uncalibrated, so temperature 1 and no threshold); all values strings, numbers as JSON."""
     from mnistlab import __version__
 
     dataset = meta["config"].get("dataset") or "custom"
     tta = [name for name, on in (("hflip", meta.get("hflip_tta")), ("shifts", meta.get("shift_tta"))) if on]
+    temperature = calibration["temperature"] if calibration else 1.0
+    threshold = calibration["threshold"] if calibration else None
     return {
         "classes": json.dumps(list(meta["classes"])),
         "mean": repr(float(meta["mean"])),
         "std": repr(float(meta["std"])),
         "input_layout": f"N,{meta['in_chans']},{IMG_SIZE},{IMG_SIZE} float32, (pixel/255 - mean)/std",
+        "input_size": f"{IMG_SIZE},{IMG_SIZE}",
+        "ink": "light on black",
         # the recipe that makes a picture look like this dataset's images (mnistlab/deploy/preprocess.py)
         "preprocessing": convention_for(dataset),
         "dataset": dataset,
+        # probabilities are softmax(logits / temperature); a top probability below threshold is "unsure"
+        # (null: no threshold, nothing is unsure); calibration: how they were fitted, or why there are none
+        "temperature": json.dumps(temperature),
+        "threshold": json.dumps(threshold),
+        "calibration": json.dumps(calibration if calibration else {"note": calibration_note}),
         # the run's reported accuracy averaged these views; the graph computes the single plain view
         "test_time_augmentation": "+".join(tta) or "none",
         "model": meta["model"],
@@ -76,15 +90,16 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
 
 def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
     """Export the model of `run_dir` to ONNX at `out` (default RUN_DIR/model.onnx); return the path."""
-    from mnistlab.record import load_run_checkpoint
+    from mnistlab import record
 
     onnx, _ = _require_onnx()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / ONNX_FILE
-    model, meta = load_run_checkpoint(run_dir)
+    model, meta = record.load_run_checkpoint(run_dir)
     if meta.get("engine") == "scratch":
         raise UserError(f"{run_dir}: a scratch-engine (numpy) run has no PyTorch graph to export; "
                         "train it with the default engine to export it")
+    calibration, why_not = record.RunRecord(run_dir).calibration(meta["step"])
     # the trace runs on the CPU in float32; channels-last (how runs train) is a layout, not part of the graph
     model = model.to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
     # batch 2: a batch of 1 would be specialised; its own generator leaves the global RNG alone
@@ -103,7 +118,7 @@ def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
             # torch.onnx falls back to a fixed-shape capture when torch.export cannot keep the batch symbolic
             raise _FixedBatch("torch.export fixed the batch size (the model's code turns it into a Python "
                               "int somewhere, e.g. len(x) instead of x.shape[0])")
-        onnx.helper.set_model_props(proto, onnx_metadata(meta))
+        onnx.helper.set_model_props(proto, onnx_metadata(meta, calibration, why_not))
         proto.doc_string = f"mnistlab {name} from {run_dir.name}: logits of (pixel/255 - mean)/std images"
         data = proto.SerializeToString()
         onnx.checker.check_model(proto)
