@@ -273,3 +273,50 @@ def test_a_trained_digits_run_exports_with_its_samples_and_its_measured_accuracy
     got = model_logits(model, ds.test_images, meta["mean"], meta["std"])
     assert torch.equal(got, model_logits(want_model, ds.test_images, meta["mean"], meta["std"]))
     assert (got.argmax(1) == ds.test_labels).sum().item() / len(ds.test_labels) == pytest.approx(accuracy, abs=1e-12)
+
+
+@pytest.mark.parametrize("flags", [
+    dict(dataset="digits", model="cnn", epochs=3),
+    dict(dataset="fashion-mnist", recipe="fast", seed=4, lr=0.05),
+    dict(dataset="kmnist", model="mlp", model_kwargs={"hidden": [64, 32]}, augment="shift", deterministic=True,
+         label_smoothing=0.0),
+])
+def test_the_cards_train_command_resolves_to_the_runs_config(flags):
+    import shlex
+    from dataclasses import fields
+
+    from mnistlab.cli import build_parser
+    from mnistlab.config import TrainConfig
+    from mnistlab.deploy.model_folder import _train_command
+
+    recorded = vars(resolve_config({k: v for k, v in flags.items() if v is not None}))
+    args = build_parser().parse_args(shlex.split(_train_command(recorded))[1:])
+    explicit = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig) if f.metadata["flag"]}
+    explicit["model_kwargs"] = dict(args.model_arg or [])
+    rebuilt = vars(resolve_config(explicit))
+    assert {k: v for k, v in rebuilt.items() if k != "run_dir"} == {k: v for k, v in recorded.items() if k != "run_dir"}
+
+
+def test_an_export_never_downloads_a_missing_dataset_it_skips_the_picture(tmp_path, monkeypatch):
+    import urllib.request
+
+    import mnistlab.data.download as download
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("an export tried to download")
+
+    monkeypatch.setattr(download, "download_file", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    import mnistlab.data.resolve as resolve
+
+    real_dirs = resolve.candidate_dirs  # only the test's empty cache: MNIST may sit in a system folder elsewhere
+    monkeypatch.setattr(resolve, "candidate_dirs", lambda spec: [d for d in real_dirs(spec) if d[0] == "cache"])
+    run = fake_run(tmp_path / "run", "linear")
+    config = json.loads((run / "config.json").read_text())
+    model, meta = load_run_checkpoint(run)
+    meta["config"].update(dataset="mnist", data_dir=None)  # MNIST: not in this test's empty cache
+    from mnistlab.deploy.model_folder import draw_samples
+
+    note = draw_samples(tmp_path / SAMPLES, model, meta, 1.0, None)
+    assert note.startswith("no samples.png: the run's test images are not on this machine") and "\n" not in note
+    assert not (tmp_path / SAMPLES).exists() and config["dataset"] == "digits"

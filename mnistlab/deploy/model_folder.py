@@ -199,24 +199,27 @@ def read_model_folder(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]
 
 
 def _train_command(config: dict[str, Any]) -> str:
-    """An equivalent `mnistlab train` command: the flags whose values differ from what the defaults would give."""
-    from mnistlab.config import resolve_config
+    """An equivalent `mnistlab train` command: the flags whose values differ from what the defaults would give
+    (the machine's own: the folders, threads and device, left out)."""
+    from dataclasses import fields
 
-    base = {k: config.get(k) for k in ("dataset", "model", "recipe")}
+    from mnistlab.config import TrainConfig, resolve_config
+
+    named = {k: config.get(k) for k in ("dataset", "model", "recipe") if config.get(k) is not None}
     try:
-        defaults = vars(resolve_config(dict(base)))
+        defaults = vars(resolve_config(dict(named)))
     except UserError:
         defaults = {}
-    words = ["mnistlab", "train"] + [f"--{k} {v}" for k, v in base.items() if v is not None]
-    machine_only = ("run_dir", "threads", "device", "data_dir", "offline", "model_kwargs", "eval_batch_size")
-    for key, value in config.items():
-        if key in base or key in machine_only or defaults.get(key, object()) == value:
+    words = ["mnistlab", "train", *(f"--{k} {v}" for k, v in named.items())]
+    machine_only = ("run_dir", "threads", "device", "data_dir", "offline", "eval_batch_size")
+    for f in fields(TrainConfig):
+        key, value = f.name, config.get(f.name)
+        if (not f.metadata["flag"] or key in named or key in machine_only or key not in config
+                or defaults.get(key, object()) == value or value is None or value is False):
             continue
         flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif value is not None:
-            words.append(f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}")
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        words.append(flag if value is True else f"{flag} {text}")
     for key, value in config.get("model_kwargs", {}).items():
         if defaults.get("model_kwargs", {}).get(key, object()) != value:
             words.append(f"--model-arg {key}={json.dumps(value, separators=(',', ':'))}")
@@ -231,8 +234,10 @@ def _side_file(read: Any) -> dict[str, Any]:
         return {}
 
 
-def draw_samples(path: Path, model: torch.nn.Module, meta: dict[str, Any], temperature: float) -> str:
-    """samples.png: 24 test images with the model's answers; "" when written, else the one-line reason."""
+def draw_samples(path: Path, model: torch.nn.Module, meta: dict[str, Any], temperature: float,
+                 threshold: float | None) -> str:
+    """samples.png: 24 test images with the model's answers ("?": unsure, below the threshold); "" when
+    written, else the one-line reason."""
     from mnistlab.calibration import model_logits
     from mnistlab.data.dataset import load_dataset
 
@@ -259,16 +264,20 @@ def draw_samples(path: Path, model: torch.nn.Module, meta: dict[str, Any], tempe
             continue
         ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=255)
         right = int(pred[i]) == int(labels[i])
-        text = f"{classes[int(pred[i])][:10]} {p[i]:.0%}" + ("" if right else f"\n(is {classes[int(labels[i])][:10]})")
+        unsure = "?" if threshold is not None and p[i] < threshold else ""
+        truth = "" if right else f"\n(is {classes[int(labels[i])][:12]})"
+        text = f"{classes[int(pred[i])][:12]}{unsure} {p[i]:.0%}{truth}"
         ax.set_title(text, fontsize=7, color="black" if right else "red")
-    fig.suptitle(f"the first {n} test images; red: wrong", fontsize=8)
+    unsure = "" if threshold is None else f"; ?: below the {threshold:.0%} threshold, answered unsure"
+    fig.suptitle(f"the first {n} test images, calibrated probabilities; red: wrong{unsure}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return ""
 
 
-def render_card(config: dict[str, Any], results: dict[str, Any], env: dict[str, Any], samples_note: str) -> str:
+def render_card(config: dict[str, Any], results: dict[str, Any], env: dict[str, Any], samples_note: str,
+                folder: str = ".") -> str:
     """README.md: the model card, YAML front matter first (license, library_name, tags, datasets, model-index)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -286,7 +295,7 @@ def render_card(config: dict[str, Any], results: dict[str, Any], env: dict[str, 
         run_config=json.dumps(run_config, indent=2), command=_train_command(run_config),
         seed=run_config.get("seed"), commit=env.get("git_commit"), torch_version=env.get("torch"),
         measurement=THRESHOLD_MEASUREMENT.get(dataset), samples_note=samples_note, samples=SAMPLES,
-        cal=config["calibration"])
+        cal=config["calibration"], folder=folder)
 
 
 def export_model_folder(run_dir: Path, out: Path | None = None) -> tuple[Path, str]:
@@ -314,8 +323,10 @@ def export_model_folder(run_dir: Path, out: Path | None = None) -> tuple[Path, s
     try:
         write_weights(staging / WEIGHTS, model)
         write_json(staging / CONFIG, config)
-        samples_note = draw_samples(staging / SAMPLES, model, meta, calibration["temperature"] if calibration else 1.0)
-        card = render_card(config, _side_file(record.results), _side_file(record.env), samples_note)
+        samples_note = draw_samples(staging / SAMPLES, model, meta, calibration["temperature"] if calibration else 1.0,
+                                    calibration["threshold"] if calibration else None)
+        card = render_card(config, _side_file(record.results), _side_file(record.env), samples_note,
+                           out.name)
         (staging / CARD).write_text(card)
         read_model_folder(staging)  # what was written loads: refuse to leave a folder that does not
         _replace(staging, out)
