@@ -47,9 +47,8 @@ for arg in "${modules[@]}"; do
   # each survivor once more through a plain pytest: a mutant is called a survivor only on the slow path's word
   for id in $(python -c "import sqlite3; print(*(i for (i,) in sqlite3.connect('.mutmut-cache')
       .execute('select id from Mutant where status not in (\"ok_killed\", \"bad_timeout\")')))"); do
-    mutmut run "$id" --simple-output --no-progress --test-time-base 20 \
-      --runner "python $root/bench/mutation_runner.py plain $pytest_args" \
-      >/dev/null || true
+    mutmut run "$id" --paths-to-mutate "$module" --tests-dir tests --simple-output --no-progress \
+      --test-time-base 20 --runner "python $root/bench/mutation_runner.py plain $pytest_args" >/dev/null || true
   done
   cmp -s "$module" <(git -C "$root" show "${MUTATION_REF:-HEAD}:$module") \
     || echo "warning: $module in the copy was left mutated" >&2
