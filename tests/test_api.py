@@ -328,3 +328,21 @@ def test_the_readme_python_snippet_runs(tmp_path, monkeypatch, capsys):
     assert namespace["run"].path.parent == Path("runs")
     out = capsys.readouterr().out
     assert f"{namespace['answer'].label} " in out and "torch.Size" not in out
+
+
+def test_an_uncalibrated_model_folder_says_so_once_and_how_to_fit_it(tmp_path, capsys):
+    from mnistlab.deploy.model_folder import export_model_folder
+
+    folder, _ = export_model_folder(fake_run(tmp_path / "run", calibrated=False), tmp_path / "hf")
+    capsys.readouterr()
+    clf = mnistlab.load(folder)
+    err = capsys.readouterr().err
+    assert clf.threshold is None and clf.temperature == 1.0 and err.count("\n") == 1
+    assert "no calibration" in err and "on the run it came from" in err and f"calibrate {folder}" not in err
+
+
+def test_the_package_ships_its_type_marker():
+    import tomllib
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["mnistlab"] and (ROOT / "mnistlab" / "py.typed").is_file()

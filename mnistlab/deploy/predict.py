@@ -51,7 +51,8 @@ class Predictor:
         record = RunRecord(run_dir)
         model, meta = record.load_model()
         calibration, why_not = record.calibration(meta["step"])
-        self._take(Path(run_dir), model, meta, calibration, why_not, warn_uncalibrated)
+        self._take(Path(run_dir), model, meta, calibration, why_not, warn_uncalibrated,
+                   remedy=f"`mnistlab calibrate {run_dir}` fits the calibration")
 
     @classmethod
     def from_parts(cls, source: str | Path, model: torch.nn.Module, meta: dict[str, Any],
@@ -59,11 +60,12 @@ class Predictor:
                    warn_uncalibrated: bool = True) -> Predictor:
         """A Predictor of a model read elsewhere (an exported model folder): `meta` as a run checkpoint's."""
         predictor = cls.__new__(cls)
-        predictor._take(Path(source), model, meta, calibration, why_not, warn_uncalibrated)
+        predictor._take(Path(source), model, meta, calibration, why_not, warn_uncalibrated,
+                        remedy="`mnistlab calibrate RUN_DIR` on the run it came from, then export it again, fits it")
         return predictor
 
     def _take(self, run_dir: Path, model: torch.nn.Module, meta: dict[str, Any], calibration: dict[str, Any] | None,
-              why_not: str, warn_uncalibrated: bool) -> None:
+              why_not: str, warn_uncalibrated: bool, remedy: str) -> None:
         from mnistlab.run import note
 
         self.run_dir, self.model, self.meta = run_dir, model, meta
@@ -77,8 +79,7 @@ class Predictor:
         self.temperature: float = self.calibration["temperature"] if self.calibration else 1.0
         self.threshold: float | None = self.calibration["threshold"] if self.calibration else None
         self.calibration_note = "" if self.calibration else (
-            f"{run_dir}: {why_not}, so probabilities are the plain softmax and no answer is called unsure; "
-            f"`mnistlab calibrate {run_dir}` fits the calibration")
+            f"{run_dir}: {why_not}, so probabilities are the plain softmax and no answer is called unsure; {remedy}")
         if self.calibration_note and warn_uncalibrated:
             note(self.calibration_note)
 
