@@ -172,7 +172,9 @@ def flip_header_byte(path: Path) -> None:
     (lambda f: rewrite_config(f, mnistlab_format=9), "mnistlab_format 9"),
     (lambda f: (f / CONFIG).write_text("{not json"), "not readable JSON"),
     (lambda f: (f / CONFIG).write_text("[]"), "not an mnistlab model's config"),
-])
+], ids=["flipped-tensor-byte", "flipped-header-byte", "truncated", "no-weights", "unknown-architecture",
+        "shape-mismatch", "class-count-mismatch", "unknown-model-arg", "zero-std", "future-format", "config-not-json",
+        "config-not-object"])
 def test_a_damaged_folder_is_one_user_error_and_nothing_is_written(exported, tmp_path, damage, message):
     folder = copy_of(exported, tmp_path)
     damage(folder)
