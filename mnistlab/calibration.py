@@ -191,7 +191,8 @@ def read_calibration(run_dir: Path, step: int) -> tuple[dict[str, Any] | None, s
 
 
 def describe(cal: dict[str, Any]) -> str:
-    """One plain line: T, the threshold, the ECE before and after, and why."""
+    """Three short lines (a terminal's width each): T, the threshold, the ECE before and after, and why."""
     threshold = "none" if cal["threshold"] is None else f"{cal['threshold']:.1%}"
-    return (f"temperature {cal['temperature']:.3f} ({cal['temperature_reason']}); threshold {threshold} "
-            f"({cal['threshold_reason']}); validation ECE {cal['ece_before']:.2%} before, {cal['ece_after']:.2%} after")
+    return (f"temperature {cal['temperature']:.3f} ({cal['temperature_reason']})\n"
+            f"  threshold {threshold} ({cal['threshold_reason']})\n"
+            f"  validation ECE {cal['ece_before']:.2%} before, {cal['ece_after']:.2%} after")
