@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from mnistlab.deploy.predict import Prediction, Predictor
 
 Picture = Union[str, Path, "Image.Image", "np.ndarray"]  # a file path, a PIL image, or an (H, W) numpy array
-MODEL_FOLDER_WEIGHTS = "model.safetensors"  # deploy/model_folder.py's WEIGHTS: an exported model folder's weights
 
 
 class Classifier:
@@ -103,13 +102,17 @@ class Classifier:
 
 
 def _is_model_folder(path: Path) -> bool:
-    """An exported model folder (deploy/model_folder.py): its weights file, or its config.json's marker."""
-    if (path / "checkpoint.safetensors").is_file():
+    """An exported model folder (deploy/model_folder.py), not a run: no checkpoint, and its weights file or its
+    config.json's marker (a run's config.json has no library_name)."""
+    from mnistlab.deploy.model_folder import CONFIG, WEIGHTS
+    from mnistlab.run import CHECKPOINT
+
+    if (path / CHECKPOINT).is_file():
         return False
-    if (path / MODEL_FOLDER_WEIGHTS).is_file():
+    if (path / WEIGHTS).is_file():
         return True
     try:
-        return json.loads((path / "config.json").read_text()).get("library_name") == "mnistlab"
+        return json.loads((path / CONFIG).read_text()).get("library_name") == "mnistlab"
     except (OSError, ValueError, AttributeError):
         return False
 
