@@ -322,3 +322,17 @@ def test_an_export_never_downloads_a_missing_dataset_it_skips_the_picture(tmp_pa
     note = draw_samples(tmp_path / SAMPLES, model, meta, 1.0, None)
     assert note.startswith("no samples.png: the run's test images are not on this machine") and "\n" not in note
     assert not (tmp_path / SAMPLES).exists() and config["dataset"] == "digits"
+
+
+@pytest.mark.slow
+def test_a_scratch_engine_run_is_refused_and_nothing_is_written(tmp_path, idx_dir):
+    from mnistlab.scratch import train as scratch_train
+
+    cfg = resolve_config(dict(engine="scratch", model="mlp", data_dir=str(idx_dir), dataset=None, epochs=1,
+                              batch_size=50, val_size=20, run_dir=str(tmp_path / "run")))
+    cfg.dataset = None
+    scratch_train.train(cfg)
+    with pytest.raises(UserError, match="scratch-engine"):
+        export_model_folder(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run" / "hf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny"]
