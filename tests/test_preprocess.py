@@ -285,25 +285,26 @@ def test_the_ink_box_is_the_inks_exact_edges_and_the_background_its_borders_leve
     assert _ink_box(ink) == ((5, 10, 7, 13), pytest.approx(0.3))
 
 
-@pytest.mark.parametrize("level, in_box", [(0.11, True), (0.09, False)])
+@pytest.mark.parametrize("level, in_box", [(0.11, True), (0.09, False), (preprocess.BOX_LEVEL, False)])
 def test_a_fringe_joins_the_box_above_a_tenth_of_the_way_to_the_peak(level, in_box):
-    ink = np.full((30, 40), 0.3, np.float32)
+    ink = np.full((30, 40), 0.3)
     ink[5:10, 7:13] = 1.0
-    ink[5:10, 13] = 0.3 + level * 0.7  # an anti-aliased column at the right edge
+    ink[5:10, 13] = 0.3 + level * (1.0 - 0.3)  # an anti-aliased column at the right edge
     assert _ink_box(ink)[0][3] == (14 if in_box else 13)
 
 
 @pytest.mark.parametrize("pixels, blank", [(3, True), (4, False)])
 def test_fewer_than_four_pixels_of_ink_are_a_speck(pixels, blank):
-    ink = np.zeros((30, 30), np.float32)
+    ink = np.zeros((30, 30))
     ink[12, 10 : 10 + pixels] = 1.0
-    ink[20, 20] = 0.45  # a fainter mark, under half the peak, does not make the speck a drawing
+    ink[20, 20:23] = 0.5  # fainter marks, at half the peak and no more, do not make the speck a drawing
     assert (_ink_box(ink) is None) == blank
 
 
-@pytest.mark.parametrize("peak, blank", [(preprocess.BLANK_INK, False), (0.079, True)])
-def test_ink_must_rise_blank_ink_above_the_background(peak, blank):
-    ink = np.zeros((30, 30))  # float64: BLANK_INK itself, not its float32 neighbour below
+@pytest.mark.parametrize("background, peak, blank", [(0.0, preprocess.BLANK_INK, False), (0.0, 0.079, True),
+                                                     (0.3, 0.35, True), (0.3, 0.39, False)])
+def test_ink_must_rise_blank_ink_above_the_background(background, peak, blank):
+    ink = np.full((30, 30), background)  # float64: BLANK_INK itself, not its float32 neighbour below
     ink[10:20, 10:20] = peak
     image, is_blank = to_model_input(ink, "mnist")
     assert is_blank == blank and image.any() != blank
@@ -353,6 +354,7 @@ def test_resize_averages_the_area_each_output_pixel_covers():
     checker = (np.indices((4, 4)).sum(0) % 2).astype(np.float32)
     assert np.allclose(_resize(checker, 2, 2), 0.5, atol=1e-3)
     assert _resize(np.full((4, 4), 3.0, np.float32), 2, 2).max() == pytest.approx(1.0)  # clipped to full scale
+    assert np.abs(_resize(np.full((4, 4), 0.5, np.float32), 2, 2) - 0.5).max() < 1e-5
 
 
 def test_each_dataset_uses_its_own_recipe():
@@ -369,3 +371,93 @@ def test_render_as_picture_draws_the_item_dark_on_white_at_40_to_90_percent():
         dark = picture < 128
         rows, cols = np.flatnonzero(dark.any(1)), np.flatnonzero(dark.any(0))
         assert 0.4 * 280 - 2 <= rows[-1] - rows[0] + 1 <= 0.9 * 280 + 2 and cols[-1] - cols[0] < rows[-1] - rows[0]
+
+
+# ---- the pieces of the background estimate, each against a known answer -----------------------------------
+
+def test_colours_are_read_by_their_luminance(tmp_path):
+    """Green on red: the same mean of R, G and B, but green is the lighter to an eye (and to Pillow's "L")."""
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = 255
+    rgb[stroke() > 0] = (0, 255, 0)
+    for picture in (Image.fromarray(rgb), Image.fromarray(rgb).convert("P"), Image.fromarray(rgb).convert("RGBA")):
+        view = view_of(tmp_path, picture)
+        assert not view.blank and not view.inverted, picture.mode
+
+
+def test_a_real_gif_is_refused_as_a_format_we_do_not_decode(tmp_path):
+    Image.fromarray(np.uint8(255 * stroke())).save(tmp_path / "x.gif")
+    with pytest.raises(UnreadableImage, match="not a readable PNG, JPEG or BMP image"):
+        load_ink(tmp_path / "x.gif")
+
+
+@pytest.mark.parametrize("shape, grid", [((280, 140), (64, 32)), ((140, 280), (32, 64)), ((64, 64), (64, 64)),
+                                         ((20, 6), (20, 6)), ((2000, 10), (64, 1))])
+def test_the_background_is_fitted_on_at_most_64_pixels_a_side_never_upscaled(shape, grid):
+    assert preprocess._grid_shape(shape) == grid
+
+
+def test_a_curved_background_is_recovered_exactly_at_full_resolution():
+    y, x = np.indices((120, 200), dtype=np.float32)
+    y, x = (y + 0.5) / 120 * 2 - 1, (x + 0.5) / 200 * 2 - 1  # pixel centres in [-1, 1]
+    paper = 0.6 + 0.1 * x - 0.15 * y - 0.2 * x * x + 0.1 * x * y + 0.05 * y * y
+    assert np.abs(preprocess._background(paper) - paper).max() < 2e-3
+
+
+def test_the_background_is_fitted_to_the_outer_band_alone():
+    """An item that fills most of the picture is no part of the paper, however much of the picture it takes."""
+    paper = np.full((200, 200), 0.9, np.float32)
+    paper[30:170, 30:170] = 0.1
+    assert np.abs(preprocess._background(paper) - 0.9).max() < 0.01
+
+
+def test_strokes_across_the_band_are_rejected_as_outliers():
+    y, x = np.indices((200, 200), dtype=np.float32) / 199
+    paper = 0.5 + 0.4 * x
+    grey = paper.copy()
+    grey[:, 60:75] = 0.05  # two thick strokes cross the band top to bottom
+    grey[:, 120:135] = 0.05
+    assert np.abs(preprocess._background(grey) - paper).max() < 0.02
+
+
+def test_the_border_level_is_the_median_of_the_four_edges():
+    a = np.full((6, 6), 0.5)
+    a[0], a[-1] = 1.0, 1.0  # top and bottom rows light, the side columns dark between them
+    a[1:-1, 0], a[1:-1, -1] = 0.0, 0.0
+    assert preprocess._border_level(a) == 1.0
+    assert preprocess._border_level(a.T) == 1.0
+
+
+# ---- which way the ink goes -------------------------------------------------------------------------------
+
+def marks(paper: float, dark: float, light: float) -> np.ndarray:
+    """A float picture (H, W): a sheet of `paper` with one mark `dark` below it and one `light` above."""
+    grey = np.full((100, 100), paper)
+    grey[20:40, 20:40] -= dark
+    grey[60:80, 60:80] += light
+    return grey
+
+
+@pytest.mark.parametrize("paper, dark, light, inverted", [
+    (0.4, 0.30, 0.27, False),  # neither stands out by 0.04: the border decides (darker than mid-grey: light ink)
+    (0.6, 0.27, 0.30, True),  # ditto, lighter than mid-grey: dark ink
+    (0.5, 0.30, 0.28, False),  # a border of exactly mid-grey reads as a dark screen
+    (0.4, 0.35, 0.30, True),  # the darker mark stands out: dark ink, whatever the border
+    (0.6, 0.20, 0.30, False),
+])
+def test_the_ink_is_the_side_that_departs_furthest_and_the_border_breaks_ties(paper, dark, light, inverted):
+    assert preprocess.ink_from_grey(marks(paper, dark, light))[1] == inverted
+
+
+@pytest.mark.parametrize("paper, light", [(0.4, 0.1), (0.85, 0.09)])
+def test_faint_light_ink_on_a_grey_screen_is_found(paper, light):
+    """0.1 above a 0.4 screen is a sixth of the way to white: ink, not blank (nor on a light one, by the floor)."""
+    ink, inverted = preprocess.ink_from_grey(marks(paper, 0.0, light))
+    assert not inverted and _ink_box(ink)[0] == (60, 80, 60, 80)
+
+
+def test_very_faint_pencil_on_grey_paper_is_ink_and_near_black_paper_noise_is_not():
+    ink, inverted = preprocess.ink_from_grey(marks(0.45, 0.06, 0.0))
+    assert inverted and _ink_box(ink)[0] == (20, 40, 20, 40)
+    noise = 0.05 + 0.03 * np.random.default_rng(1).random((100, 100))  # a nearly black sheet's grain
+    assert to_model_input(preprocess.ink_from_grey(noise)[0], "mnist")[1]

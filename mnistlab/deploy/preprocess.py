@@ -83,12 +83,11 @@ def load_ink(path: str | Path) -> tuple[np.ndarray, bool]:
 def ink_from_image(im: Image.Image) -> tuple[np.ndarray, bool]:
     """(ink, inverted) of a decoded picture: the alpha channel of a transparent canvas, else its grey levels."""
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0  # (H, W, 4)
-        alpha = rgba[..., 3]
+        alpha = np.asarray(im.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0  # (H, W)
         if alpha.max() - alpha.min() > BLANK_INK:
             # a transparent canvas: the ink is where the alpha is, whatever its colour
             return alpha, False
-        return ink_from_grey(rgba[..., :3].mean(-1))
+    # an opaque picture, or one evenly transparent: its luminance (Pillow's "L"), as an eye sees the colours
     return ink_from_grey(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
 
 
