@@ -101,22 +101,6 @@ class Classifier:
         return self._predictor.logits(batch.reshape(-1, 28, 28).cpu())
 
 
-def _is_model_folder(path: Path) -> bool:
-    """An exported model folder (deploy/model_folder.py), not a run: no checkpoint, and its weights file or its
-    config.json's marker (a run's config.json has no library_name)."""
-    from mnistlab.deploy.model_folder import CONFIG, WEIGHTS
-    from mnistlab.run import CHECKPOINT
-
-    if (path / CHECKPOINT).is_file():
-        return False
-    if (path / WEIGHTS).is_file():
-        return True
-    try:
-        return json.loads((path / CONFIG).read_text()).get("library_name") == "mnistlab"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load(path: str | Path, *, warn_uncalibrated: bool = True) -> Classifier:
     """A Classifier from a training run's folder or an exported model folder (`mnistlab export --format hf`).
     Reads only; anything wrong (no such path, an empty folder, a damaged checkpoint, a pre-training run, ...)
@@ -126,18 +110,7 @@ def load(path: str | Path, *, warn_uncalibrated: bool = True) -> Classifier:
     """
     from mnistlab.deploy.predict import Predictor
 
-    path = Path(path)
-    if path.is_dir() and _is_model_folder(path):
-        from mnistlab.deploy.model_folder import read_model_folder
-
-        model, meta = read_model_folder(path)
-        calibration = meta.pop("calibration", None)
-        predictor = Predictor.from_parts(path, model, meta, calibration, "the model folder carries no calibration",
-                                         warn_uncalibrated=warn_uncalibrated)
-    else:
-        RunRecord(path).require_folder()
-        predictor = Predictor(path, warn_uncalibrated=warn_uncalibrated)
-    return Classifier(predictor, path)
+    return Classifier(Predictor.open(path, warn_uncalibrated=warn_uncalibrated), Path(path))
 
 
 @dataclass(frozen=True)

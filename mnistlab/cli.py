@@ -472,7 +472,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from mnistlab.deploy.predict import Predictor
 
-    predictor = Predictor(args.run_dir)
+    predictor = Predictor.open(args.run_dir)  # a run folder, or an exported model folder
     results, errors = predictor.predict_files(args.images, top_k=args.top)
     for r in results:
         if args.json:
@@ -498,7 +498,8 @@ def _add_predict_parser(sub) -> None:
                                    "the threshold that accepts 95% of correctly classified validation images is "
                                    "answered 'unsure'. Exit 2 if a file could not be read (the others are still "
                                    "answered).")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `mnistlab train`, or a model folder "
+                   "written by `mnistlab export --format hf`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
     p.add_argument("--json", action="store_true", help="one JSON object per picture")
     p.add_argument("--top", type=_arg_type("positive_int"), default=3, help="how many classes to list (default: 3)")

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from mnistlab.checkpoint import Read
 
 
+# deploy/model_folder.py's WEIGHTS (this module sits below deploy/; tests/test_record.py keeps the two equal)
+MODEL_FOLDER_WEIGHTS = "model.safetensors"
+
+
 class RunFolderError(UserError):
     """A run folder, or one of its files, that cannot be read as asked."""
 
@@ -141,7 +145,10 @@ class RunRecord:
 
         self.require_folder()
         if not self.has(CHECKPOINT):
-            if self.has(RESULTS):
+            if self.has(MODEL_FOLDER_WEIGHTS):
+                why = ("an exported model folder, not a run folder: `mnistlab predict`, `mnistlab serve` and "
+                       "`mnistlab.load` take it; this needs the run it was exported from")
+            elif self.has(RESULTS):
                 why = "its checkpoint is missing (the run finished, so the file was moved or deleted)"
             elif self.has(CONFIG):
                 why = f"no {CHECKPOINT} yet (the run never finished an epoch; `mnistlab train --resume` continues it)"

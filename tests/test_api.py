@@ -346,3 +346,18 @@ def test_the_package_ships_its_type_marker():
 
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "py.typed" in package_data["mnistlab"] and (ROOT / "mnistlab" / "py.typed").is_file()
+
+
+def test_predict_and_serve_take_a_model_folder_as_they_take_its_run(tmp_path, model_folder, capsys):
+    from mnistlab.deploy.serve.server import load_models
+
+    run, folder = model_folder
+    pictures()[0].save(tmp_path / "p.png")
+    answers = []
+    for path in (run, folder):
+        capsys.readouterr()
+        assert main(["predict", str(path), str(tmp_path / "p.png"), "--json"]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0] == answers[1]
+    served = load_models([str(folder)])
+    assert list(served) == ["hf"] and served["hf"].threshold == 0.22

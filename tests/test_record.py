@@ -184,3 +184,16 @@ def test_importing_mnistlab_and_its_readers_stays_cheap():
             "heavy = sorted({'torch', 'numpy', 'matplotlib', 'PIL'} & set(sys.modules)); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_model_folder_given_as_a_run_says_what_it_is(tmp_path):
+    from mnistlab.deploy.model_folder import WEIGHTS
+    from mnistlab.record import MODEL_FOLDER_WEIGHTS
+
+    assert MODEL_FOLDER_WEIGHTS == WEIGHTS
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / WEIGHTS).write_bytes(b"")
+    (folder / CONFIG).write_text(json.dumps({"library_name": "mnistlab"}))
+    with pytest.raises(MissingRunFile, match="an exported model folder, not a run folder"):
+        RunRecord(folder).load_model()

@@ -11,6 +11,7 @@ nothing is. A blank picture is answered "blank" before the model runs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,22 @@ class Prediction:
                     probability=self.probability, top=self.top)
 
 
+def is_model_folder(path: Path) -> bool:
+    """An exported model folder (deploy/model_folder.py), not a run: no checkpoint, and its weights file or its
+    config.json's marker (a run's config.json has no library_name)."""
+    from mnistlab.deploy.model_folder import CONFIG, WEIGHTS
+    from mnistlab.run import CHECKPOINT
+
+    if not path.is_dir() or (path / CHECKPOINT).is_file():
+        return False
+    if (path / WEIGHTS).is_file():
+        return True
+    try:
+        return json.loads((path / CONFIG).read_text()).get("library_name") == "mnistlab"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class Predictor:
     """A run folder's model, its preprocessing convention and its calibration, ready for pictures.
 
@@ -53,6 +70,19 @@ class Predictor:
         calibration, why_not = record.calibration(meta["step"])
         self._take(Path(run_dir), model, meta, calibration, why_not, warn_uncalibrated,
                    remedy=f"`mnistlab calibrate {run_dir}` fits the calibration")
+
+    @classmethod
+    def open(cls, path: str | Path, *, warn_uncalibrated: bool = True) -> Predictor:
+        """The Predictor of a run folder, or of an exported model folder (`mnistlab export --format hf`)."""
+        path = Path(path)
+        if not is_model_folder(path):
+            return cls(path, warn_uncalibrated=warn_uncalibrated)
+        from mnistlab.deploy.model_folder import read_model_folder
+
+        model, meta = read_model_folder(path)
+        calibration = meta.pop("calibration", None)
+        return cls.from_parts(path, model, meta, calibration, "the model folder carries no calibration",
+                              warn_uncalibrated=warn_uncalibrated)
 
     @classmethod
     def from_parts(cls, source: str | Path, model: torch.nn.Module, meta: dict[str, Any],

@@ -68,7 +68,7 @@ def load_models(run_dirs: list[str]) -> dict[str, Predictor]:
         while name in models:  # two runs called the same in different folders
             n += 1
             name = f"{base}-{n}"
-        models[name] = Predictor(run_dir)
+        models[name] = Predictor.open(run_dir)  # a run folder, or an exported model folder
     return models
 
 
