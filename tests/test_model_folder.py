@@ -336,3 +336,15 @@ def test_a_scratch_engine_run_is_refused_and_nothing_is_written(tmp_path, idx_di
         export_model_folder(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "run" / "hf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny"]
+
+
+def test_a_run_without_calibration_exports_and_its_card_says_so(tmp_path):
+    run = fake_run(tmp_path / "run", "linear")
+    (run / CALIBRATION).unlink()
+    folder, _ = export_model_folder(run, tmp_path / "out")
+    card = (folder / CARD).read_text()
+    assert "Probabilities are the plain softmax: no calibration.json" in card
+    assert "No reject threshold is available" in card
+    config = json.loads((folder / CONFIG).read_text())
+    assert config["calibration"] is None and config["calibration_note"].startswith("no calibration.json")
+    assert read_model_folder(folder)[1]["calibration"] is None
