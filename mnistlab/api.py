@@ -17,7 +17,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, overload
 
 from mnistlab.errors import UserError
 from mnistlab.record import RunRecord
@@ -57,6 +57,12 @@ class Classifier:
     def __repr__(self) -> str:
         return (f"Classifier({str(self.path)!r}: {self.meta['model']} on {self.dataset}, {len(self.classes)} classes, "
                 f"step {self.meta.get('step')})")
+
+    @overload
+    def predict(self, pictures: Picture, top: int = 1) -> Prediction: ...
+
+    @overload
+    def predict(self, pictures: list[Picture] | tuple[Picture, ...], top: int = 1) -> list[Prediction]: ...
 
     def predict(self, pictures: Picture | Sequence[Picture], top: int = 1) -> Prediction | list[Prediction]:
         """The answer for one picture (a Prediction), or a list of answers for a list of pictures: label, index,

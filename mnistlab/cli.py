@@ -583,7 +583,8 @@ def _add_serve_parser(sub) -> None:
                        description="Serve RUN_DIRs over HTTP: a page to draw on (/), POST /api/predict, "
                                    "GET /api/models, GET /healthz, OpenAPI docs at /docs. Binds 127.0.0.1 unless "
                                    'told otherwise. Needs the serve extra: pip install "mnistlab[serve]".')
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `mnistlab train`")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `mnistlab train`, or model "
+                   "folders written by `mnistlab export --format hf`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default: 8000)")
     p.add_argument("--max-upload-mb", type=_arg_type("positive_float"), default=8.0, metavar="MIB",
