@@ -134,7 +134,10 @@ def _background(grey: np.ndarray) -> np.ndarray:
     y, x = (ys + 0.5) / gh * 2 - 1, (xs + 0.5) / gw * 2 - 1
     design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
     values = small[ys, xs]
-    keep = np.ones(len(values), dtype=bool)
+    # start from the band's median, not from a least-squares fit that a large item reaching the band would
+    # drag towards itself: the paper is the band's majority, the item's pixels lie far from it
+    spread0 = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    keep = np.abs(values - np.median(values)) <= max(3 * spread0, 0.02)
     for _ in range(5):
         coef = np.linalg.lstsq(design[keep], values[keep], rcond=None)[0]
         residual = values - design @ coef
