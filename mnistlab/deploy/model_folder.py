@@ -269,7 +269,8 @@ def draw_samples(path: Path, model: torch.nn.Module, meta: dict[str, Any], tempe
         text = f"{classes[int(pred[i])][:12]}{unsure} {p[i]:.0%}{truth}"
         ax.set_title(text, fontsize=7, color="black" if right else "red")
     unsure = "" if threshold is None else f"; ?: below the {threshold:.0%} threshold, answered unsure"
-    fig.suptitle(f"the first {n} test images, calibrated probabilities; red: wrong{unsure}", fontsize=8)
+    fig.suptitle(f"the first {n} test images, probabilities as mnistlab predict gives them; red: wrong{unsure}",
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
