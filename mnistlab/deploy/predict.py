@@ -7,6 +7,10 @@ without a calibration for its checkpoint predicts uncalibrated (T = 1, no thresh
 that `mnistlab calibrate RUN_DIR` (calibrate_run here, which does load the data) fits it. A picture
 scoring below the threshold is answered "unsure" (with its best guess); with no threshold (None)
 nothing is. A blank picture is answered "blank" before the model runs.
+
+`Predictor.open(path)` takes a run folder (read through record.RunRecord) or an exported model folder
+(deploy/model_folder.py, whose config.json carries the calibration): `mnistlab predict`, `mnistlab serve`
+and `mnistlab.load` (api.Classifier, which wraps a Predictor) all open models this one way.
 """
 
 from __future__ import annotations
