@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +122,8 @@ def test_every_model_trains_under_torchrun(tmp_path, model):
     run = tmp_path / model
     ok(torchrun("train", *DIGITS, "--model", model, "--epochs", "1", "--run-dir", str(run)))
     results = json.loads((run / "results.json").read_text())
-    assert results["world_size"] == 2 and 0.0 < results["test_accuracy"] <= 1.0
+    # one epoch on one process gives 29% (gru) to 89% (linear) here: twice chance says it learned
+    assert results["world_size"] == 2 and results["test_accuracy"] >= 0.2, results
     assert not list(run.glob("*.tmp*"))
 
 
@@ -189,10 +189,10 @@ def test_restarts_without_a_run_folder_are_refused(tmp_path):
 def test_a_diverging_distributed_run_stops_every_rank_with_one_line(tmp_path):
     """The loss is summed over ranks before it is checked, so every rank sees the NaN at the same step and
     stops: exit 1 with the usual message, no rank left waiting for the process-group timeout."""
-    t0 = time.monotonic()
+    # A rank left waiting would sit out the group timeout, here 900 s: the run must end by itself long before
+    # (subprocess.run's 300 s raises TimeoutExpired otherwise), however slow the machine is today.
     proc = torchrun("train", *DIGITS, "--model", "mlp", "--optimizer", "sgd", "--lr", "1e30", "--run-dir",
-                    str(tmp_path / "r"), timeout=120)
-    assert time.monotonic() - t0 < 50  # well inside MNISTLAB_DIST_TIMEOUT=60: nobody waited for a lost peer
+                    str(tmp_path / "r"), env={"MNISTLAB_DIST_TIMEOUT": "900"}, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("mnistlab: error: the loss became nan at step 1") == 1, proc.stderr[-3000:]
     # rank 1 says the same, naming its rank (unless the agent, seeing rank 0 exit first, ended it before it spoke)
