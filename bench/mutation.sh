@@ -17,7 +17,7 @@ set -euo pipefail
 declare -A TESTS=(
   [mnistlab/data/idx.py]="tests/test_idx.py"
   [mnistlab/checkpoint.py]="tests/test_checkpoint.py"
-  [mnistlab/deploy/preprocess.py]="tests/test_preprocess.py"
+  [mnistlab/deploy/preprocess.py]="tests/test_preprocess.py tests/test_preprocess_large_items.py"
   [mnistlab/run.py]="tests/test_run_folder.py"
 )
 modules=("$@")
