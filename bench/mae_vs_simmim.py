@@ -68,7 +68,7 @@ def probe_accuracies(run: Path | None, ds, ks: list[int], seeds: list[int]) -> d
     from mnistlab.data.subset import stratified_subset
     from mnistlab.evaluate import linear_probe
     from mnistlab.models import create_model
-    from mnistlab.train import load_pretrained_encoder
+    from mnistlab.training import load_pretrained_encoder
 
     kwargs = json.loads((run / "config.json").read_text())["model_kwargs"] if run is not None else {}
     torch.manual_seed(0)

@@ -57,8 +57,8 @@ def train(args: list[str], run: Path) -> None:
 
 
 def measure(run: Path, other: str, tmp: Path, seed: int) -> dict[str, float]:
-    from mnistlab.data.dataset import load_dataset
     from mnistlab.calibration import expected_calibration_error
+    from mnistlab.data.dataset import load_dataset
     from mnistlab.deploy.predict import Predictor
 
     p = Predictor(run)

@@ -13,7 +13,6 @@ From Python, the same runs, pictures and answers as the command line:
 What it offers:
     load(path) -> Classifier      a trained model with its preprocessing and calibration (mnistlab/api.py)
     train(**flags) -> Run         `mnistlab train`'s flags as keywords, checked the same way; quiet=True
-                                  (mnistlab.train is also the training module, made callable: api.train)
     Prediction                    one answer: label, index, probability, status, top, image
     RunRecord                     one reader of a run folder: config, env, metrics, results, the model
     MnistlabError                 the one exception type (the CLI prints it as one line, exit status 2)
@@ -31,7 +30,7 @@ from mnistlab.errors import UserError
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from mnistlab.api import Classifier
+    from mnistlab.api import Classifier, Run
     from mnistlab.deploy.predict import Prediction
     from mnistlab.record import RunRecord
 
@@ -51,14 +50,19 @@ def load(path: str | Path, *, warn_uncalibrated: bool = True) -> Classifier:
     return load_classifier(path, warn_uncalibrated=warn_uncalibrated)
 
 
+def train(*, quiet: bool = False, **flags: Any) -> Run:
+    """Train as `mnistlab train` does, with its flags as keywords: `mnistlab.train(dataset="digits", epochs=3)`.
+
+    The loop itself is mnistlab/training.py (a module named apart from this function, so importing it never
+    hides this name)."""
+    from mnistlab.api import train as train_run
+
+    return train_run(quiet=quiet, **flags)
+
+
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name == "train":
-        # `mnistlab.train` is also the training module (mnistlab/train.py), which Python binds to this name when
-        # anything imports it; so the name is always that module, made callable: mnistlab.train(**flags) is
-        # api.train. It is imported here, on first use, so `import mnistlab` stays cheap.
-        return importlib.import_module("mnistlab.train")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mnistlab' has no attribute {name!r}")

@@ -182,5 +182,5 @@ def load_model(path: Path, device: torch.device | str = "cpu",
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"{path}: cannot rebuild the model it names ({e})") from None
     load_state(model, prefixed(tensors, "model"), path)
-    # channels-last as in training (train.py): the same conv kernels, so eval repeats results.json's numbers
+    # channels-last as in training (training.py): the same conv kernels, so eval repeats results.json's numbers
     return model.to(device).to(memory_format=torch.channels_last).eval(), meta

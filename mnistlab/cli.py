@@ -309,7 +309,7 @@ def start_training(args: argparse.Namespace, progress: bool | None = None) -> st
         if "seq" in cfg.model_kwargs and cfg.model not in ("rnn", "gru", "lstm"):
             raise UserError(f"--seq applies to rnn, gru and lstm, not {cfg.model}")
         create_model(cfg.model, **cfg.model_kwargs)  # and so does a bad --model-arg
-    from mnistlab.train import train
+    from mnistlab.training import train
 
     train(cfg, resume=bool(args.resume), progress=progress)
     return cfg.run_dir
@@ -353,7 +353,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tta = meta.get("hflip_tta", False) if args.tta == "auto" else args.tta == "on"
         shifts = meta.get("shift_tta", False) if args.tta_shifts == "auto" else args.tta_shifts == "on"
         result = evaluate(model, images, labels, meta["mean"], meta["std"], hflip_tta=tta, shift_tta=shifts)
-    trained_flips = cfg.hflip == "on" or (cfg.hflip == "auto" and ds.mirror_symmetric)  # as train.py resolves it
+    trained_flips = cfg.hflip == "on" or (cfg.hflip == "auto" and ds.mirror_symmetric)  # as training.py resolves it
     warning = untrained_views_warning(tta, shifts, trained_flips, cfg.augment in ("shift", "affine"))
     if warning:
         note(warning)

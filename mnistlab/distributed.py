@@ -10,7 +10,7 @@ The design, after PyTorch's DDP tutorial and torchvision's reference scripts:
 - `--batch-size` is the global batch: every rank draws the same seeded epoch permutation and takes its
   contiguous share of each step's indices (`shard`; shares differ by at most one image, the last uneven
   batch included, and nothing is repeated). DDP averages gradients over ranks, so each rank's loss is
-  weighted by its share (train.py) to make the step the one-process step on the same global batch.
+  weighted by its share (training.py) to make the step the one-process step on the same global batch.
 - Only rank 0 prints and writes the run folder (run.py's `note`/`say` ask `is_main`); the others follow
   it, waiting at a barrier where it writes.
 - Process-group timeout: MNISTLAB_DIST_TIMEOUT seconds (default 600), so that a lost peer ends the run

@@ -1,4 +1,4 @@
-"""What every torch run shares around its loop, whether it trains (train.py) or pre-trains (pretrain.py).
+"""What every torch run shares around its loop, whether it trains (training.py) or pre-trains (pretrain.py).
 
     with process_settings():                 # threads, determinism, cuDNN, the process group: restored after
         apply_process_settings(cfg)

@@ -1,6 +1,6 @@
 """The epoch loop every engine runs: batches in a seeded order, the learning-rate schedule, running
 sums, progress, per-epoch validation, metrics and checkpoints. An engine supplies only its step: the
-torch and numpy engines (train.py, scratch/) and masked-patch pre-training (pretrain.py), which has
+torch and numpy engines (training.py, scratch/) and masked-patch pre-training (pretrain.py), which has
 no labels and so no accuracy: its step and validation return None for it, and its metrics records
 carry losses only.
 
@@ -11,10 +11,10 @@ optimizer state, the step and this epoch's running sums: a run killed at any mom
 its last checkpoint ends bit-identical to an uninterrupted one (CPU, same thread count).
 
 What the loop needs of an engine is the `Engine` class below: a subclass sets its device and supplies
-the step, the validation and the checkpoint; the rest has one-process defaults that train.py's
+the step, the validation and the checkpoint; the rest has one-process defaults that training.py's
 TorchEngine overrides under torchrun.
 
-Under torchrun (an engine with `distributed` set, train.py) each process returns its part of a step's
+Under torchrun (an engine with `distributed` set, training.py) each process returns its part of a step's
 loss and count; the pending steps are summed over the processes in one collective every 10 steps and at
 the epoch's end (`reduce_steps`), and a Ctrl-C is honoured at those points only, by every process at
 the same step (`any_rank`), so that no process waits for a peer that has stopped.

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -501,16 +500,3 @@ def _world_record(engine: TorchEngine) -> dict[str, Any]:
         record.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
                       cudnn_benchmark=torch.backends.cudnn.benchmark)
     return record
-
-
-class _CallableModule(types.ModuleType):
-    """This module is also the public `mnistlab.train(**flags)` (mnistlab/__init__.py, api.train): importing a
-    submodule binds it to its name in the package, so the module itself answers the call."""
-
-    def __call__(self, *, quiet: bool = False, **flags: Any) -> Any:
-        from mnistlab.api import train as train_run
-
-        return train_run(quiet=quiet, **flags)
-
-
-sys.modules[__name__].__class__ = _CallableModule

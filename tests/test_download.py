@@ -277,7 +277,7 @@ def test_a_refused_connection_moves_to_the_next_mirror_without_retries(tmp_path,
 
 def test_train_without_a_network_gives_the_offline_choices_at_once(tmp_path, monkeypatch, capsys):
     """Plain `mnistlab train` (no --offline) on a machine whose mirrors do not resolve: the hint, no retry lines."""
-    import mnistlab.train  # noqa: F401  (its import is not what is timed)
+    import mnistlab.training  # noqa: F401  (its import is not what is timed)
 
     monkeypatch.setenv("MNISTLAB_MIRRORS", f"http://nonexistent.invalid/,http://127.0.0.1:{_closed_port()}/")
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ N_IMAGES = 1000
 
 def train_run(folder: Path, data_dir: Path, model: str, **model_kwargs) -> Path:
     """A real run folder: `model` (seed 0) trained for one epoch on the 180 images of the tiny IDX set."""
-    from mnistlab.train import train
+    from mnistlab.training import train
 
     cfg = resolve_config(dict(model=model, model_kwargs=model_kwargs, data_dir=str(data_dir), dataset=None,
                               epochs=1, batch_size=50, val_size=20, threads=1, run_dir=str(folder / "run")))

@@ -24,7 +24,7 @@ from mnistlab.config import TrainConfig
 from mnistlab.data.dataset import load_dataset
 from mnistlab.data.subset import stratified_subset, with_labelled_subset
 from mnistlab.models import create_model
-from mnistlab.train import load_pretrained_encoder, train
+from mnistlab.training import load_pretrained_encoder, train
 
 # A tiny encoder on the bundled digits (1,294 training images: 11 steps of 128 an epoch), one thread.
 TINY_VIT = ["--model-arg", "dim=32", "--model-arg", "depth=1", "--model-arg", "heads=2"]
@@ -240,7 +240,7 @@ def test_a_bad_init_is_refused_before_any_data_and_leaves_no_folder(tmp_path, ca
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded before --init was checked")
 
-    monkeypatch.setattr("mnistlab.train.load_dataset", no_data)  # mnist is not here: it would download
+    monkeypatch.setattr("mnistlab.training.load_dataset", no_data)  # mnist is not here: it would download
     run = tmp_path / "run"
     assert main(["train", "--model", "vit", *TINY_VIT, "--init", str(init(tmp_path)), "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err

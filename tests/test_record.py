@@ -165,11 +165,11 @@ def test_nothing_outside_training_imports_the_training_module():
     for path in readers:
         imported = _imported_modules(path)
         if path.name == "cli.py":  # `mnistlab train` itself trains; everything else in the CLI reads runs
-            imported -= {"mnistlab.train", "mnistlab.train.train"}
-        if {"mnistlab.train", "mnistlab.train.load_run_checkpoint"} & imported:
+            imported -= {"mnistlab.training", "mnistlab.training.train"}
+        if {"mnistlab.training", "mnistlab.training.load_run_checkpoint"} & imported:
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
-    assert "load_run_checkpoint" not in (PACKAGE / "train.py").read_text()
+    assert "load_run_checkpoint" not in (PACKAGE / "training.py").read_text()
 
 
 def test_the_run_reader_imports_nothing_above_it():

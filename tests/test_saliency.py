@@ -26,7 +26,7 @@ from mnistlab.inspect.saliency import (
 from mnistlab.models.registry import create_model, list_models
 from mnistlab.plots import figure_png
 from mnistlab.record import load_run_checkpoint
-from mnistlab.train import train
+from mnistlab.training import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Measured on the first 8 digits test images: trained vs randomised CNN (3 training seeds x 2

@@ -159,7 +159,7 @@ def test_missing_tensorboard_package_fails_before_training_naming_the_extra(tmp_
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded before the missing package was reported")
 
-    monkeypatch.setattr("mnistlab.train.load_dataset", no_data)
+    monkeypatch.setattr("mnistlab.training.load_dataset", no_data)
     run = tmp_path / "run"
     assert main(["train", *QUICK, "--tensorboard", "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err

@@ -145,7 +145,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, uninterrupted):
 
 def _poison_weights_at(monkeypatch, target_step: int, after: bool) -> None:
     """Make the weights NaN before (the loss of that step is NaN) or after (only the update is) a step."""
-    from mnistlab.train import TorchEngine
+    from mnistlab.training import TorchEngine
 
     original = TorchEngine.train_step
 
@@ -501,7 +501,7 @@ def _models():
 
 @pytest.mark.parametrize("model", _models())
 def test_every_registered_model_trains_one_epoch_and_evaluates_from_its_folder(tmp_path, idx_dir, model, capsys):
-    from mnistlab.train import train
+    from mnistlab.training import train
 
     cfg = resolve_config(dict(model=model, data_dir=str(idx_dir), dataset=None, epochs=1, batch_size=50,
                               val_size=20, threads=1, run_dir=str(tmp_path / "run")))
@@ -523,7 +523,7 @@ def test_the_loop_and_evaluate_make_no_float64_tensors(tmp_path, idx_dir):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from mnistlab.train import train
+    from mnistlab.training import train
 
     class Float64Spy(TorchDispatchMode):
         def __init__(self):
@@ -543,7 +543,7 @@ def test_the_loop_and_evaluate_make_no_float64_tensors(tmp_path, idx_dir):
 
     load_dataset(None, data_dir=str(idx_dir), val_size=20)  # the data layer's statistics may use float64
     spy = Float64Spy()
-    import mnistlab.train as train_module
+    import mnistlab.training as train_module
 
     real_fit = train_module.fit
 
@@ -584,7 +584,7 @@ def test_a_model_is_named_with_its_options_only_when_it_has_some():
 def test_the_torchrun_note_speaks_of_batchnorm_only_for_a_model_that_has_it():
     from mnistlab.distributed import World
     from mnistlab.models import create_model
-    from mnistlab.train import torchrun_note
+    from mnistlab.training import torchrun_note
 
     world, cfg = World(rank=0, local_rank=0, size=2, backend="gloo"), TrainConfig(batch_size=128)
     assert "BatchNorm" not in torchrun_note(world, cfg, create_model("mlp"))
@@ -593,7 +593,7 @@ def test_the_torchrun_note_speaks_of_batchnorm_only_for_a_model_that_has_it():
 
 
 def test_the_labelled_subset_note_accounts_for_the_images_an_epoch_shows():
-    from mnistlab.train import labelled_subset_note
+    from mnistlab.training import labelled_subset_note
 
     text = labelled_subset_note(TrainConfig(labels_per_class=10), 10, 200, Path("run/labelled_subset.json"))
     assert "100 labelled training images (seed 0), each shown 2 times an epoch (the 200 training images" in text
