@@ -34,6 +34,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def quick_few(names: list[str], quick: set[str]) -> list:
+    """Parametrize values: those in `quick` run in the quick loop, the others are marked slow (the default run has
+    them all). For a check that costs seconds per model, where a few models show it works."""
+    return [name if name in quick else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
 def make_arrays(n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
     """Random 28x28 uint8 images with labels 0..9, keyed by the standard file stems."""
     rng = np.random.default_rng(seed)

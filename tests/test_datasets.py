@@ -23,6 +23,7 @@ needs_debian_fashion = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # reads and hashes the 47 MB Fashion-MNIST: seconds
 @needs_debian_fashion
 def test_fashion_mnist_from_debian_verifies_and_loads(capsys):
     assert main(["data", "verify", "fashion-mnist"]) == 0
@@ -46,6 +47,7 @@ def test_digits_loads_with_no_network():
     assert sorted(torch.bincount(ds.test_labels).tolist())[0] >= 35  # stratified: 35 or 36 each
 
 
+@pytest.mark.slow  # reads and hashes the 47 MB Fashion-MNIST: seconds
 @needs_debian_fashion
 def test_fashion_folder_given_as_data_dir_is_fashion_mnist_whatever_the_default_name():
     ds = load_dataset(None, data_dir=DEBIAN_FASHION)

@@ -89,6 +89,7 @@ def test_options_that_change_the_graph_export_with_matching_logits(tmp_path, idx
     assert_parity(run, export_onnx(run, tmp_path / "out" / "m.onnx"))
 
 
+@pytest.mark.slow  # exports ONNX
 def test_the_file_carries_what_a_consumer_needs_in_its_metadata(tmp_path, idx_dir):
     run = train_run(tmp_path, idx_dir, "mlp", hidden=[32])
     _, meta = load_run_checkpoint(run)
@@ -115,6 +116,7 @@ def test_the_file_carries_what_a_consumer_needs_in_its_metadata(tmp_path, idx_di
     assert [d.dim_value for d in image.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
 
 
+@pytest.mark.slow  # exports ONNX
 def test_an_uncalibrated_run_exports_temperature_one_and_no_threshold(tmp_path, idx_dir):
     run = train_run(tmp_path, idx_dir, "linear")
     (run / "calibration.json").unlink()
@@ -162,6 +164,7 @@ def test_the_docs_onnxruntime_recipe_gives_mnistlab_predicts_probabilities(tmp_p
     assert printed[0] == predicted["label"] and printed[2] == predicted["status"]
 
 
+@pytest.mark.slow  # trains a model
 def test_a_failing_export_is_a_user_error_and_leaves_no_file(tmp_path, idx_dir, monkeypatch):
     run = train_run(tmp_path, idx_dir, "linear")
 
@@ -180,6 +183,7 @@ def test_a_failing_export_is_a_user_error_and_leaves_no_file(tmp_path, idx_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx", "run", "tiny"]
 
 
+@pytest.mark.slow  # trains a model
 def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(tmp_path, idx_dir, monkeypatch):
     import mnistlab.record
 
@@ -199,6 +203,7 @@ def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(tmp_path, idx
     assert not (run / "model.onnx").exists()
 
 
+@pytest.mark.slow  # exports ONNX
 def test_a_graph_that_computes_other_logits_is_refused_before_writing(tmp_path, idx_dir, monkeypatch):
     import mnistlab.deploy.export as export_module
 
@@ -210,6 +215,7 @@ def test_a_graph_that_computes_other_logits_is_refused_before_writing(tmp_path, 
     assert not (run / "model.onnx").exists()
 
 
+@pytest.mark.slow  # trains a model
 def test_a_scratch_engine_run_is_refused(tmp_path, idx_dir, capsys):
     from mnistlab.scratch import train as scratch_train
 

@@ -187,6 +187,7 @@ def test_bench_smoke_run_on_the_cpu_prints_a_table_row(tmp_path):
     assert (out / "digits-seed0" / "results.json").is_file()
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.skipif(CUDA, reason="a CUDA device is present: the bench runs instead of refusing")
 def test_bench_without_cuda_exits_2_with_one_line(tmp_path):
     proc = run_bench("-o", str(tmp_path / "bench"), cwd=tmp_path)

@@ -58,6 +58,7 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 # ---- one writer per run folder ---------------------------------------------------------------------
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 def test_a_live_run_folder_refuses_a_second_writer(run_copy, capsys):
     before = folder_hash(run_copy)
     with RunFolder.open(run_copy):  # another process would hold this lock for the life of its run
@@ -68,6 +69,7 @@ def test_a_live_run_folder_refuses_a_second_writer(run_copy, capsys):
     assert folder_hash(run_copy) == before
 
 
+@pytest.mark.slow  # starts a process
 def test_a_killed_writer_leaves_no_stale_lock(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -99,6 +101,7 @@ def test_default_run_folders_started_in_the_same_second_never_collide(tmp_path, 
 
 # ---- resume trusts the checkpoint ------------------------------------------------------------------
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 @pytest.mark.parametrize("edit", [dict(epochs=5), dict(batch_size=32), dict(schedule="cosine"), dict(lr=0.5)])
 def test_resume_refuses_a_config_json_that_disagrees_with_the_checkpoint(run_copy, capsys, edit):
     cfg = json.loads((run_copy / "config.json").read_text())
@@ -112,6 +115,7 @@ def test_resume_refuses_a_config_json_that_disagrees_with_the_checkpoint(run_cop
     assert folder_hash(run_copy) == before
 
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 def test_resume_refuses_an_unknown_value_in_config_json(run_copy, capsys):
     cfg = json.loads((run_copy / "config.json").read_text())
     cfg["schedule"] = "cosin"
@@ -122,6 +126,7 @@ def test_resume_refuses_an_unknown_value_in_config_json(run_copy, capsys):
     assert folder_hash(run_copy) == before
 
 
+@pytest.mark.slow  # trains a model
 def test_resume_of_a_finished_run_changes_nothing(run_copy, capsys):
     before = folder_hash(run_copy)
     assert main(["train", "--resume", str(run_copy)]) == 0
@@ -155,6 +160,7 @@ def flip_a_byte_in_tensor_data(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 def test_flipped_bytes_in_tensor_data_are_refused_by_eval_and_resume(run_copy, capsys):
     flip_a_byte_in_tensor_data(run_copy / "checkpoint.safetensors")
     (run_copy / "results.json").unlink()
@@ -183,6 +189,7 @@ def rewrite_checkpoint(path: Path, edit_meta=None, edit_tensors=None) -> None:
     save_file(tensors, path, metadata={"mnistlab": json.dumps(meta)})
 
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 @pytest.mark.parametrize("case", ["other model", "missing tensor", "missing key"])
 def test_a_checkpoint_that_does_not_fit_its_model_is_one_clear_line(run_copy, capsys, case):
     ckpt = run_copy / "checkpoint.safetensors"
@@ -204,6 +211,7 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_one_clear_line(run_copy, ca
     assert folder_hash(run_copy) == before
 
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 @pytest.mark.parametrize("content", [None, "", "{not json", "[1, 2]"])
 def test_eval_needs_only_the_checkpoint_not_config_json(run_copy, capsys, content):
     cfg = run_copy / "config.json"
@@ -217,6 +225,7 @@ def test_eval_needs_only_the_checkpoint_not_config_json(run_copy, capsys, conten
     assert json.loads(capsys.readouterr().out)["accuracy"] == results["test_accuracy"]
 
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 def test_resume_with_a_malformed_metrics_file_is_one_clear_line(run_copy, capsys):
     (run_copy / "results.json").unlink()
     (run_copy / "metrics.jsonl").write_text("{garbage\n")
@@ -284,6 +293,7 @@ def test_out_of_range_numbers_are_refused_by_the_parser(flags, capsys):
     assert "error:" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # trains a model
 def test_threads_beyond_the_cores_are_capped_with_a_warning(tmp_path, capsys):
     run = tmp_path / "run"
     flags = [f for f in QUICK if f not in ("--threads", "1")]
@@ -389,6 +399,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
     assert "starting it again from step 0" in resumed.stderr and (run / "results.json").exists()
 
 
+@pytest.mark.slow  # trains a model
 def test_the_largest_accepted_seed_trains(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *QUICK, "--epochs", "1", "--seed", str(2**63 - 1), "--run-dir", str(run)]) == 0
@@ -406,6 +417,7 @@ def test_an_enormous_number_in_config_json_is_one_clear_line(tmp_path, value):
         TrainConfig.load(tmp_path / "config.json")
 
 
+@pytest.mark.slow  # trains (the finished_run fixture)
 def test_resuming_a_checkpoint_of_an_older_format_is_one_clear_line(run_copy, capsys):
     rewrite_checkpoint(run_copy / "checkpoint.safetensors",
                        edit_meta=lambda m: [m.pop(k) for k in ("epoch_loss_sum", "epoch_correct", "format_version")])
@@ -416,6 +428,7 @@ def test_resuming_a_checkpoint_of_an_older_format_is_one_clear_line(run_copy, ca
     assert folder_hash(run_copy) == before
 
 
+@pytest.mark.slow  # trains a model
 def test_resuming_a_finished_run_needs_no_data(tmp_path, idx_dir, capsys):
     import shutil
 
@@ -432,6 +445,7 @@ def test_resuming_a_finished_run_needs_no_data(tmp_path, idx_dir, capsys):
     assert folder_hash(run) == before
 
 
+@pytest.mark.slow  # trains a model
 def test_only_mnistlab_temp_files_are_removed_from_a_run_folder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import quick_few
 from matplotlib.figure import Figure
 
 from mnistlab.data.batches import to_input
@@ -56,7 +57,7 @@ def _no_hooks_left(model: torch.nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", quick_few(ALL, {"linear", "rnn"}))  # conv and ViT figures: seconds each
 def test_each_figure_appears_exactly_for_the_models_it_fits_and_leaves_the_model_as_found(name, images):
     model = _model(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -14,7 +14,10 @@ SLOW_LABS = {
     "activations": "trains six MLPs",
     "attention": "softmax over 64 x 256 x 256 scores of head size 512: seconds on 2 cores",
     "masking": "pre-trains a small MAE for 400 steps: about 10 s on 2 cores",
-}
+    "fft": "convolutions by FFT and directly on many sizes: about 4 s",
+    "phase": "2-D FFTs of several images and a figure of many panels: about 2 s",
+    "backprop": "trains a small network by hand and checks it against torch: about 2 s",
+}  # linear-map (about 1 s) is the quick loop's one whole lab
 
 
 @pytest.mark.parametrize("topic", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW_LABS else t for t in LABS])

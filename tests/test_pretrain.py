@@ -78,10 +78,12 @@ def guarded(tmp_path_factory, pretrained) -> Path:
     return run
 
 
+@pytest.mark.slow  # pre-trains (the pretrained fixture)
 def test_pretraining_reads_no_label_and_no_test_image(guarded):
     assert json.loads((guarded / "results.json").read_text())["steps"] == 22  # it ran to the end, never touching them
 
 
+@pytest.mark.slow  # pre-trains (the pretrained fixture)
 def test_validation_images_reach_the_loss_curve_but_never_the_weights(guarded, pretrained):
     ours, theirs = tensors(guarded), tensors(pretrained)
     assert ours.keys() == theirs.keys()
@@ -91,6 +93,7 @@ def test_validation_images_reach_the_loss_curve_but_never_the_weights(guarded, p
     assert all(a != b for a, b in zip(val_a, val_b, strict=True))  # the other images were evaluated
 
 
+@pytest.mark.slow  # pre-trains (the pretrained fixture)
 def test_pretraining_writes_a_run_folder_with_reconstruction_figures(pretrained):
     names = {p.name for p in pretrained.iterdir()}
     assert {"config.json", "env.json", "metrics.jsonl", "checkpoint.safetensors", "results.json",
@@ -102,6 +105,7 @@ def test_pretraining_writes_a_run_folder_with_reconstruction_figures(pretrained)
     assert records[1]["val_loss"] < records[0]["val_loss"] < 1.0  # below the no-image guess (a patch's mean)
 
 
+@pytest.mark.slow  # starts processes that pre-train
 def test_pretraining_resumes_after_sigkill_mid_epoch_bit_identically(tmp_path, pretrained):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "mnistlab", *PRETRAIN, "--run-dir", str(run)]
@@ -119,6 +123,7 @@ def test_pretraining_resumes_after_sigkill_mid_epoch_bit_identically(tmp_path, p
     assert losses(run) == losses(pretrained)
 
 
+@pytest.mark.slow  # pre-trains (the pretrained fixture)
 def test_init_loads_every_encoder_weight_into_the_zoo_vit(pretrained):
     model = create_model("vit", num_classes=10, **TINY_KWARGS)
     head = model.head.weight.clone()
@@ -133,6 +138,7 @@ def test_init_loads_every_encoder_weight_into_the_zoo_vit(pretrained):
     assert info["init_payload_sha256"] and info["init_method"] == "mae"
 
 
+@pytest.mark.slow  # pre-trains (the pretrained fixture)
 @pytest.mark.parametrize("flags, says", [
     (["--model", "vit", "--model-arg", "dim=48", "--model-arg", "depth=1", "--model-arg", "heads=2"],
      "pos_embed is (1, 16, 32) there, (1, 16, 48) here"),
@@ -149,6 +155,7 @@ def test_init_refuses_another_architecture_in_one_line(pretrained, tmp_path, cap
     assert "give the pre-training's --model and --model-arg values" in err
 
 
+@pytest.mark.slow  # pre-trains (the pretrained fixture)
 def test_freeze_encoder_trains_the_head_alone(pretrained, tmp_path):
     run = tmp_path / "probe"
     assert main([*FINETUNE, "--init", str(pretrained), "--freeze-encoder", "--lr", "0.01", "--labels-per-class", "5",
@@ -177,6 +184,7 @@ def test_labels_per_class_is_stratified_seeded_and_nested():
         stratified_subset(labels, 1000, 0, 10)
 
 
+@pytest.mark.slow  # pre-trains (the pretrained fixture)
 def test_fine_tuned_run_is_reproduced_from_its_folder(pretrained, tmp_path):
     first = tmp_path / "first"
     assert main([*FINETUNE, "--init", str(pretrained), "--labels-per-class", "5", "--seed", "4", "--epochs", "2",

@@ -179,6 +179,7 @@ def test_the_run_reader_imports_nothing_above_it():
     assert imported and all(m.startswith(allowed) for m in imported), imported
 
 
+@pytest.mark.slow  # starts a process
 def test_importing_mnistlab_and_its_readers_stays_cheap():
     code = ("import sys, mnistlab, mnistlab.record, mnistlab.api; mnistlab.MnistlabError; mnistlab.RunRecord; "
             "heavy = sorted({'torch', 'numpy', 'matplotlib', 'PIL'} & set(sys.modules)); print(heavy)")

@@ -244,6 +244,7 @@ def test_gradient_matches_central_finite_differences(name):
     np.testing.assert_allclose(x.grad, finite_difference(scalar, a), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # starts a process
 def test_importing_scratch_leaves_torch_unloaded():
     code = "import sys, mnistlab.scratch; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

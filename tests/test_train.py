@@ -236,6 +236,7 @@ def test_resume_refuses_other_flags(tmp_path, capsys):
     assert "drop --lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains a model
 def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0
@@ -413,6 +414,7 @@ def test_random_erasing_blanks_one_rectangle_with_probability_p():
     assert torch.equal(random_erase(x, 0.0, -1.0), x)
 
 
+@pytest.mark.slow  # trains a model
 def test_threads_flag_is_honoured_in_env(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *QUICK_LINEAR, "--epochs", "1", "--run-dir", str(run)]) == 0
@@ -499,6 +501,7 @@ def _models():
     return list_models()
 
 
+@pytest.mark.slow  # trains a model
 @pytest.mark.parametrize("model", _models())
 def test_every_registered_model_trains_one_epoch_and_evaluates_from_its_folder(tmp_path, idx_dir, model, capsys):
     from mnistlab.training import train
@@ -518,6 +521,7 @@ def test_every_registered_model_trains_one_epoch_and_evaluates_from_its_folder(t
     assert json.loads(capsys.readouterr().out)["accuracy"] == results["test_accuracy"]
 
 
+@pytest.mark.slow  # trains a model
 def test_the_loop_and_evaluate_make_no_float64_tensors(tmp_path, idx_dir):
     """MPS has no float64: running sums and losses must use dtypes every backend has (or live on the CPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
