@@ -12,19 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime", reason='needs the export extra: pip install "mnistlab[export]"')
-pytest.importorskip("onnxscript", reason='needs the export extra: pip install "mnistlab[export]"')
-import onnx  # noqa: E402
-
-from mnistlab import __version__  # noqa: E402
-from mnistlab.config import resolve_config  # noqa: E402
-from mnistlab.data.batches import to_input  # noqa: E402
-from mnistlab.deploy.export import ATOL, METADATA_KEYS, RTOL, export_onnx, onnx_logits, onnx_session  # noqa: E402
-from mnistlab.errors import UserError  # noqa: E402
-from mnistlab.models import list_models  # noqa: E402
-from mnistlab.record import load_run_checkpoint  # noqa: E402
+from mnistlab import __version__
+from mnistlab.config import resolve_config
+from mnistlab.data.batches import to_input
+from mnistlab.deploy.export import ATOL, METADATA_KEYS, RTOL, export_onnx, onnx_logits, onnx_session
+from mnistlab.errors import UserError
+from mnistlab.models import list_models
+from mnistlab.record import load_run_checkpoint
 
 N_IMAGES = 1000
+
+
+@pytest.fixture
+def onnx():
+    """The onnx module, or a skip without the export extra. A fixture, not a module import: importing onnxscript
+    costs two seconds, and the quick loop collects this module for its tests that need no extra."""
+    pytest.importorskip("onnxruntime", reason='needs the export extra: pip install "mnistlab[export]"')
+    pytest.importorskip("onnxscript", reason='needs the export extra: pip install "mnistlab[export]"')
+    return pytest.importorskip("onnx", reason='needs the export extra: pip install "mnistlab[export]"')
 
 
 def train_run(folder: Path, data_dir: Path, model: str, **model_kwargs) -> Path:
@@ -70,7 +75,7 @@ def assert_parity(run: Path, onnx_path: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
-def test_every_registered_model_exports_with_logits_matching_pytorch(tmp_path, idx_dir, name):
+def test_every_registered_model_exports_with_logits_matching_pytorch(onnx, tmp_path, idx_dir, name):
     run = train_run(tmp_path, idx_dir, name)
     path = export_onnx(run)
     assert path == run / "model.onnx"
@@ -84,13 +89,13 @@ def test_every_registered_model_exports_with_logits_matching_pytorch(tmp_path, i
     ("lstm", {"layers": 2, "bidirectional": True}),
     ("vit", {"pool": "cls"}),  # the class token expanded to t.shape[0], which torch.export keeps symbolic
 ])
-def test_options_that_change_the_graph_export_with_matching_logits(tmp_path, idx_dir, name, options):
+def test_options_that_change_the_graph_export_with_matching_logits(onnx, tmp_path, idx_dir, name, options):
     run = train_run(tmp_path, idx_dir, name, **options)
     assert_parity(run, export_onnx(run, tmp_path / "out" / "m.onnx"))
 
 
 @pytest.mark.slow  # exports ONNX
-def test_the_file_carries_what_a_consumer_needs_in_its_metadata(tmp_path, idx_dir):
+def test_the_file_carries_what_a_consumer_needs_in_its_metadata(onnx, tmp_path, idx_dir):
     run = train_run(tmp_path, idx_dir, "mlp", hidden=[32])
     _, meta = load_run_checkpoint(run)
     path = export_onnx(run, tmp_path / "mlp.onnx")
@@ -117,7 +122,7 @@ def test_the_file_carries_what_a_consumer_needs_in_its_metadata(tmp_path, idx_di
 
 
 @pytest.mark.slow  # exports ONNX
-def test_an_uncalibrated_run_exports_temperature_one_and_no_threshold(tmp_path, idx_dir):
+def test_an_uncalibrated_run_exports_temperature_one_and_no_threshold(onnx, tmp_path, idx_dir):
     run = train_run(tmp_path, idx_dir, "linear")
     (run / "calibration.json").unlink()
     props = {p.key: p.value for p in onnx.load(export_onnx(run)).metadata_props}
@@ -134,7 +139,7 @@ def docs_recipe() -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dark_on_light", [True, False])
-def test_the_docs_onnxruntime_recipe_gives_mnistlab_predicts_probabilities(tmp_path, idx_dir, monkeypatch, capsys,
+def test_the_docs_onnxruntime_recipe_gives_mnistlab_predicts_probabilities(onnx, tmp_path, idx_dir, monkeypatch, capsys,
                                                                             dark_on_light):
     from PIL import Image
 
@@ -165,7 +170,7 @@ def test_the_docs_onnxruntime_recipe_gives_mnistlab_predicts_probabilities(tmp_p
 
 
 @pytest.mark.slow  # trains a model
-def test_a_failing_export_is_a_user_error_and_leaves_no_file(tmp_path, idx_dir, monkeypatch):
+def test_a_failing_export_is_a_user_error_and_leaves_no_file(onnx, tmp_path, idx_dir, monkeypatch):
     run = train_run(tmp_path, idx_dir, "linear")
 
     def broken_export(*args, **kwargs):
@@ -184,7 +189,7 @@ def test_a_failing_export_is_a_user_error_and_leaves_no_file(tmp_path, idx_dir, 
 
 
 @pytest.mark.slow  # trains a model
-def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(tmp_path, idx_dir, monkeypatch):
+def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(onnx, tmp_path, idx_dir, monkeypatch):
     import mnistlab.record
 
     class FixedBatch(torch.nn.Module):
@@ -204,7 +209,7 @@ def test_a_graph_with_a_fixed_batch_size_is_refused_before_writing(tmp_path, idx
 
 
 @pytest.mark.slow  # exports ONNX
-def test_a_graph_that_computes_other_logits_is_refused_before_writing(tmp_path, idx_dir, monkeypatch):
+def test_a_graph_that_computes_other_logits_is_refused_before_writing(onnx, tmp_path, idx_dir, monkeypatch):
     import mnistlab.deploy.export as export_module
 
     run = train_run(tmp_path, idx_dir, "linear")
@@ -216,7 +221,7 @@ def test_a_graph_that_computes_other_logits_is_refused_before_writing(tmp_path, 
 
 
 @pytest.mark.slow  # trains a model
-def test_a_scratch_engine_run_is_refused(tmp_path, idx_dir, capsys):
+def test_a_scratch_engine_run_is_refused(onnx, tmp_path, idx_dir, capsys):
     from mnistlab.scratch import train as scratch_train
 
     cfg = resolve_config(dict(engine="scratch", model="mlp", data_dir=str(idx_dir), dataset=None, epochs=1,
