@@ -3,8 +3,10 @@
 An ast scan of tests/test_*.py, no import of them. A test is expensive when its body (or a fixture it asks for, or a
 helper function of its module that it calls) calls subprocess.run/Popen/check_output, `main(["train"|"pretrain", ...])`
 compared with 0 or 1 (a run that got to train), a module's `train(...)`/`pretrain(...)`/`export_onnx(...)` outside a
-`pytest.raises` block (there it is refused before any work), or uses a fixture of scope="module" that does. Such a test
-needs `pytest.mark.slow` on itself, in one of its parametrize cases, or in its module's `pytestmark`."""
+`pytest.raises` block (there it is refused before any work), or asks for a fixture of its module that does. Such a
+test needs `pytest.mark.slow` on itself, in one of its parametrize cases, or in its module's `pytestmark`.
+What it cannot see: fixtures of conftest.py (none trains), a run that trains and then fails (`== 2`), and seconds
+spent otherwise (figures, big data); `pytest -m "not slow" --durations=20` shows those."""
 
 from __future__ import annotations
 
@@ -92,16 +94,17 @@ def unmarked_expensive_tests(path: Path) -> list[str]:
     lists = {node.targets[0].id: node.value.elts for node in tree.body if isinstance(node, ast.Assign)
              and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.List)}
     why: dict[str, list[str]] = {name: _expensive_calls(f, lists) for name, f in funcs.items()}
+    called = {name: {n.func.id for n in ast.walk(f) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+              for name, f in funcs.items()}
+    asked = {name: {a.arg for a in f.args.args} for name, f in funcs.items()}
     changed = True
     while changed:  # through helpers it calls and fixtures it asks for, to a fixed point
         changed = False
-        for name, f in funcs.items():
+        for name in funcs:
             if why[name]:
                 continue
-            called = {n.func.id for n in ast.walk(f) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-            asked = {a.arg for a in f.args.args}
-            for other in sorted((called | asked) & funcs.keys() - {name}):
-                if why[other] and (other in called and _fixture_scope(funcs[other]) is None or other in asked):
+            for other in sorted((called[name] | asked[name]) & funcs.keys() - {name}):
+                if why[other] and (other in asked[name] or _fixture_scope(funcs[other]) is None):
                     why[name] = [f"{other}: {why[other][0]}"]
                     changed = True
                     break
