@@ -219,10 +219,14 @@ def test_unknown_dataset_is_exit_2(capsys):
     assert "unknown dataset 'cifar10'" in capsys.readouterr().err
 
 
-def test_data_list_and_show(tmp_path, idx_dir, capsys):
+def test_data_list_says_what_is_present(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert "digits" in out and "not present" in out  # kmnist is never installed here
+
+
+@pytest.mark.slow  # a figure of one axes per image: about 2 s on 2 cores
+def test_data_show_saves_a_png(tmp_path, idx_dir):
     png = tmp_path / "grid.png"
     assert main(["data", "show", "mnist", "--data-dir", str(idx_dir), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
