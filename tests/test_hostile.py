@@ -241,6 +241,7 @@ def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.slow  # trains an epoch or two before the disk fills
 @pytest.mark.parametrize("target", ["checkpoint.safetensors", "results.json"])
 def test_a_full_disk_while_writing_is_one_line_and_keeps_the_previous_file(tmp_path, capsys, monkeypatch, target):
     import mnistlab.files
@@ -265,6 +266,7 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_previous_file(tmp_p
     assert not (run / "results.json").exists()
 
 
+@pytest.mark.slow  # trains an epoch or two before the disk fills
 def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path, capsys, monkeypatch):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
