@@ -484,6 +484,6 @@ def test_plural(n, text):
 
 
 @pytest.mark.parametrize("seconds, text", [(59.94, "59.9 s"), (60, "1.0 min"), (3599, "60.0 min"), (3600, "1.0 h"),
-                                           (5400, "1.5 h"), (90, "1.5 min")])
+                                           (5400, "1.5 h"), (90, "1.5 min"), (3780, "1.1 h")])
 def test_durations_are_seconds_then_minutes_then_hours(seconds, text):
     assert run.duration_text(seconds) == text
