@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import quick_few
 
 from mnistlab import __version__
 from mnistlab.config import resolve_config
@@ -233,12 +234,14 @@ def test_a_scratch_engine_run_is_refused(onnx, tmp_path, idx_dir, capsys):
     assert not (tmp_path / "run" / "model.onnx").exists()
 
 
+@pytest.mark.slow  # export_onnx imports onnx and onnxruntime before it looks at the folder: two seconds
 def test_a_folder_without_a_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint.safetensors"):
         export_onnx(tmp_path)
 
 
-@pytest.mark.parametrize("missing", ["onnx", "onnxruntime", "onnxscript"])
+# the other two import onnx first (two seconds): the quick loop takes the case that imports nothing
+@pytest.mark.parametrize("missing", quick_few(["onnx", "onnxruntime", "onnxscript"], {"onnx"}))
 def test_without_the_extra_the_error_says_what_to_install(tmp_path, monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` raise ImportError
     with pytest.raises(UserError, match=r'pip install "mnistlab\[export\]"'):
