@@ -6,8 +6,8 @@ compared with 0 or 1 (a run that got to train), a module's `train(...)`/`pretrai
 `pytest.raises` block (there it is refused before any work), or asks for a fixture of its module that does. Such a
 test needs `pytest.mark.slow` on itself, in one of its parametrize cases, or in its module's `pytestmark`.
 What it cannot see: fixtures of conftest.py (none trains), a run that trains and then fails (`== 2`), `compare`'s grid
-(tests/test_compare.py's grid fixture), and seconds
-spent otherwise (figures, big data); `pytest -m "not slow" --durations=20` shows those."""
+(tests/test_compare.py's grid fixture), and seconds spent otherwise (figures, big data): `pytest -m "not slow"
+--durations=20` shows those."""
 
 from __future__ import annotations
 
