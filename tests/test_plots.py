@@ -83,8 +83,14 @@ def test_full_disk_keeps_the_previous_figure_intact(tmp_path, monkeypatch):
 
 def test_full_disk_in_the_cli_is_exit_2_with_the_message(tmp_path, monkeypatch, capsys):
     from mnistlab.cli import main
+    from mnistlab.labs import load_lab
 
     out = tmp_path / "lm.png"
+    def figure_only(out):  # the lab's save_figure without its computations (a second, not under test here)
+        save_figure(small_figure(), out)
+        return []
+
+    monkeypatch.setattr(load_lab("linear-map"), "run", figure_only)
     fill_disk(monkeypatch, "write")
     assert main(["lab", "linear-map", "-o", str(out)]) == 2
     assert f"cannot write {out}: No space left on device" in capsys.readouterr().err
