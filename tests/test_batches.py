@@ -9,6 +9,7 @@ from mnistlab.data.batches import augment_batch
 
 BACKGROUND = -0.5  # the normalised value of a black pixel
 INK = 2.5
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def bars(n: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -17,6 +17,7 @@ from mnistlab.data.resolve import candidate_dirs, locate
 from mnistlab.errors import UserError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 needs_debian_fashion = pytest.mark.skipif(
     not (DEBIAN_FASHION / f"{TRAIN_IMAGES}.gz").exists(),
     reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",

@@ -24,6 +24,7 @@ from mnistlab.cli import main
 from mnistlab.run import RunFolder
 
 QUICK = ["--dataset", "digits", "--model", "linear", "--batch-size", "64", "--threads", "1"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def folder_hash(run: Path) -> dict[str, str]:

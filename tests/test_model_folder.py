@@ -28,6 +28,7 @@ from mnistlab.models import create_model, list_models
 from mnistlab.record import load_run_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def front_matter(card: str) -> dict:

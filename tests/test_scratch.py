@@ -24,6 +24,7 @@ from mnistlab.scratch import nn, optim, tensor
 from mnistlab.scratch.engine import no_grad
 
 SETTINGS = settings(max_examples=25, deadline=None)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def check(scratch_fn, torch_fn, *arrays, atol=1e-9, rtol=1e-7, seed=0):

@@ -24,6 +24,7 @@ from mnistlab.loop import get_lr
 QUICK_DATA = ["--dataset", "digits", "--batch-size", "32", "--threads", "1"]
 QUICK = [*QUICK_DATA, "--model", "cnn", "--model-arg", "widths=[8,16,32]"]
 QUICK_LINEAR = [*QUICK_DATA, "--model", "linear"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def mnistlab_cmd(*args: str) -> list[str]:
