@@ -307,7 +307,7 @@ def test_ink_must_rise_blank_ink_above_the_background(background, peak, blank):
     ink = np.full((30, 30), background)  # float64: BLANK_INK itself, not its float32 neighbour below
     ink[10:20, 10:20] = peak
     image, is_blank = to_model_input(ink, "mnist")
-    assert is_blank == blank and image.any() != blank
+    assert is_blank == blank and image.any() != blank and image.shape == (28, 28)
 
 
 def test_the_view_is_full_scale_and_background_free_whatever_the_inks_level():
@@ -336,8 +336,20 @@ def test_mnist_centres_the_mass_and_digits_and_fashion_the_box():
     views = {c: to_model_input(ink, c)[0] for c in ("mnist", "digits", "fashion")}
     assert np.abs(centre_of_mass(views["mnist"]) - 13.5).max() <= 0.6  # pasted by whole pixels
     for convention, (first, last) in (("digits", (4, 23)), ("fashion", (0, 27))):
-        cols = np.flatnonzero(views[convention].any(0))
-        assert (cols[0], cols[-1]) == (first, last), convention
+        rows, cols = np.flatnonzero(views[convention].any(1)), np.flatnonzero(views[convention].any(0))
+        assert (rows[0], rows[-1]) == (cols[0], cols[-1]) == (first, last), convention
+        assert views[convention][last, first:last + 1].all(), convention  # the foot, not cut off
+
+
+@pytest.mark.parametrize("flip", [(0,), (1,)], ids=["bar-at-the-bottom", "bar-on-the-right"])
+def test_a_mass_lopsided_the_other_way_is_clipped_at_the_fields_start(flip):
+    ink = np.zeros((40, 40), np.float32)
+    ink[36:40, 0:40] = 1.0
+    ink[0:36, 19] = 0.15
+    ink = ink if flip == (0,) else ink.T
+    image, blank = to_model_input(ink, "mnist")
+    lines = np.flatnonzero(image.any(1 if flip == (0,) else 0))
+    assert not blank and lines[0] == 0 and 14 <= lines[-1] <= 16
 
 
 def test_a_lopsided_mass_is_pasted_clipped_at_the_fields_edge():
@@ -360,6 +372,18 @@ def test_resize_averages_the_area_each_output_pixel_covers():
 def test_each_dataset_uses_its_own_recipe():
     assert [convention_for(d) for d in ("mnist", "kmnist", "fashion-mnist", "digits", "custom")] == [
         "mnist", "mnist", "fashion", "digits", "mnist"]
+
+
+def test_render_as_picture_scales_the_items_own_box():
+    item = np.zeros((28, 28), np.uint8)
+    item[3, 10:16] = 1  # a faint top row: part of the item's box, though nearly white once drawn
+    item[4:24, 10:16] = 255
+    rng = np.random.default_rng(3)
+    side = int(280 * rng.uniform(0.4, 0.9))  # what render_as_picture draws first from the same generator
+    dark = np.asarray(render_as_picture(item, np.random.default_rng(3))) < 128
+    rows, cols = np.flatnonzero(dark.any(1)), np.flatnonzero(dark.any(0))
+    assert abs((cols[-1] - cols[0] + 1) - 6 * side / 21) <= 1.5  # 21 rows by 6 columns, scaled to `side`
+    assert abs((rows[-1] - rows[0] + 1) - 20 * side / 21) <= 1.5
 
 
 def test_render_as_picture_draws_the_item_dark_on_white_at_40_to_90_percent():
