@@ -25,10 +25,11 @@ modules=("$@")
 
 root=$(git rev-parse --show-toplevel)
 copy=$(mktemp -d "${TMPDIR:-/tmp}/mnistlab-mutation.XXXXXX")
-git -C "$root" archive "${MUTATION_REF:-HEAD}" | tar -xf - -C "$copy"
+ref=$(git -C "$root" rev-parse "${MUTATION_REF:-HEAD}")  # fixed now: the branch may move during the run
+git -C "$root" archive "$ref" | tar -xf - -C "$copy"
 cd "$copy"  # the runner puts this folder first on sys.path: the copy's mnistlab is the one tested
 # (the runner itself is the working tree's, so an older MUTATION_REF can be measured too)
-echo "mutating $(git -C "$root" rev-parse --short "${MUTATION_REF:-HEAD}") in $copy"
+echo "mutating ${ref:0:7} in $copy"
 
 python "$root/bench/mutation_runner.py" serve "$copy/.runner.sock" &
 server=$!
@@ -50,7 +51,7 @@ for arg in "${modules[@]}"; do
     mutmut run "$id" --paths-to-mutate "$module" --tests-dir tests --simple-output --no-progress \
       --test-time-base 20 --runner "python $root/bench/mutation_runner.py plain $pytest_args" >/dev/null || true
   done
-  cmp -s "$module" <(git -C "$root" show "${MUTATION_REF:-HEAD}:$module") \
+  cmp -s "$module" <(git -C "$root" show "$ref:$module") \
     || echo "warning: $module in the copy was left mutated" >&2
   survivors="survivors-${module//\//_}.txt"
   python - "$module" "$survivors" <<'EOF'
