@@ -75,3 +75,12 @@ def spec_for(arrays: dict[str, np.ndarray], name: str, *, raw_hashes: bool = Tru
     kwargs.setdefault("classes", tuple(f"class {i}" for i in range(10)))
     return DatasetSpec(name=name, description="synthetic", source="tests", files=tuple(files),
                        train_count=len(arrays[IDX_STEMS[1]]), test_count=len(arrays[IDX_STEMS[3]]), **kwargs)
+
+
+def train_digits(folder: Path, *flags: str) -> Path:
+    """A finished run in folder/run of `mnistlab train --dataset digits --threads 1 FLAGS`, through the CLI."""
+    from mnistlab.cli import main
+
+    run = folder / "run"
+    assert main(["train", "--dataset", "digits", "--threads", "1", *flags, "--run-dir", str(run)]) == 0
+    return run

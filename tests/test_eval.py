@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import train_digits
 
 from mnistlab.cli import main
 from mnistlab.evaluate import describe_views, eval_json, tta_views, untrained_views_warning
@@ -45,10 +46,7 @@ def test_eval_json_parses_and_puts_each_matrix_row_on_one_line():
 @pytest.fixture(scope="module")
 def run_without_flips(tmp_path_factory):
     """A digits linear run trained without flips or shifts (the defaults for digits)."""
-    run = tmp_path_factory.mktemp("eval") / "run"
-    assert main(["train", "--dataset", "digits", "--model", "linear", "--epochs", "1", "--threads", "1",
-                 "--run-dir", str(run)]) == 0
-    return run
+    return train_digits(tmp_path_factory.mktemp("eval"), "--model", "linear", "--epochs", "1")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_arrays, write_dataset
+from conftest import make_arrays, train_digits, write_dataset
 from PIL import Image
 
 from mnistlab.calibration import fit_calibration
@@ -25,10 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second th
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("predict") / "run"
-    assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "6", "--threads", "1",
-                 "--run-dir", str(run)]) == 0
-    return run
+    return train_digits(tmp_path_factory.mktemp("predict"), "--model", "mlp", "--epochs", "6")
 
 
 @pytest.fixture
