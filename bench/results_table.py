@@ -1,4 +1,4 @@
-"""Run the README's results commands over several seeds and print the table the README shows.
+"""Run the README's results commands over several seeds and print the full table of docs/experiments.md.
 
     python bench/results_table.py                        # every row, seeds 0 1 2 (about 75 minutes on 2 cores)
     python bench/results_table.py --rows 0 1 --seeds 0   # a quick look
