@@ -29,6 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from serve_fakes import CLOTHES, FakeModel  # noqa: E402
 
 from mnistlab.cli import main  # noqa: E402
+from mnistlab.deploy import preprocess  # noqa: E402
 from mnistlab.deploy.serve import inference  # noqa: E402
 from mnistlab.deploy.serve.app import MAX_JSON, MAX_UPLOAD, MODEL_CALLS, create_app  # noqa: E402
 from mnistlab.deploy.serve.server import is_loopback, run_server  # noqa: E402
@@ -146,8 +147,8 @@ def test_a_phone_photo_of_half_a_megabyte_is_answered(client, phone_jpeg):
 
 def test_a_phone_jpeg_is_decoded_reduced_in_grey(phone_jpeg, monkeypatch):
     seen = []
-    real = inference.ink_from_grey
-    monkeypatch.setattr(inference, "ink_from_grey", lambda grey: seen.append(grey.shape) or real(grey))
+    real = preprocess.ink_from_grey  # the server decodes through preprocess.ink_from_image, which calls it
+    monkeypatch.setattr(preprocess, "ink_from_grey", lambda grey: seen.append(grey.shape) or real(grey))
     inference.decode(phone_jpeg)
     assert seen == [(600, 800)]  # draft mode: 1/2 scale keeps both sides >= 512; never the full 1600x1200
 

@@ -230,11 +230,15 @@ def convention_for(dataset: str) -> str:
     return {"fashion-mnist": "fashion", "digits": "digits"}.get(dataset, "mnist")
 
 
-def prepare(path: str | Path, dataset: str) -> Prepared:
-    """Read a picture and make the model's 28x28 view of it, by the dataset's convention."""
-    ink, inverted = load_ink(path)
+def view_of(ink: np.ndarray, inverted: bool, dataset: str) -> Prepared:
+    """The model's 28x28 view of an ink map (H, W), by `dataset`'s convention: what every reader ends with."""
     image, blank = to_model_input(ink, convention_for(dataset))
     return Prepared(image=image, blank=blank, inverted=inverted)
+
+
+def prepare(path: str | Path, dataset: str) -> Prepared:
+    """Read a picture and make the model's 28x28 view of it, by the dataset's convention."""
+    return view_of(*load_ink(path), dataset)
 
 
 def prepare_picture(picture: str | Path | Image.Image | np.ndarray, dataset: str) -> Prepared:
@@ -266,5 +270,4 @@ def prepare_picture(picture: str | Path | Image.Image | np.ndarray, dataset: str
         ink, inverted = ink_from_image(picture)
     else:
         raise UnreadableImage(f"a {type(picture).__name__}: give a file path, a PIL image or a numpy array")
-    image, blank = to_model_input(ink, convention_for(dataset))
-    return Prepared(image=image, blank=blank, inverted=inverted)
+    return view_of(ink, inverted, dataset)

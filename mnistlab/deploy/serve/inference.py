@@ -18,10 +18,9 @@ from mnistlab.deploy.preprocess import (
     BLANK_INK,
     Prepared,
     UnreadableImage,
-    convention_for,
-    ink_from_grey,
+    ink_from_image,
     load_ink,
-    to_model_input,
+    view_of,
 )
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ def decode(data: bytes) -> tuple[np.ndarray, bool]:
                 raise PictureTooLarge(f"the picture is {im.width}x{im.height}; at most {MAX_SIDE}x{MAX_SIDE}")
             if im.format == "JPEG":  # no alpha channel: the grey levels are all there is
                 im.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
-                return ink_from_grey(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+                return ink_from_image(im)
     except Image.DecompressionBombError:
         raise PictureTooLarge(f"the picture is too large (at most {MAX_SIDE}x{MAX_SIDE})") from None
     except UnidentifiedImageError:  # its message would show the BytesIO's repr
@@ -95,9 +94,7 @@ def model_view(picture: Picture, dataset: str) -> Prepared:
     if picture.view is not None:
         blank = int(picture.view.max()) < BLANK_INK * 255  # no ink above the black background
         return Prepared(image=picture.view, blank=blank, inverted=False)
-    ink, inverted = decode(picture.data or b"")
-    image, blank = to_model_input(ink, convention_for(dataset))
-    return Prepared(image=image, blank=blank, inverted=inverted)
+    return view_of(*decode(picture.data or b""), dataset)
 
 
 def answer(model: ServedModel, picture: Picture) -> Prediction:
