@@ -168,6 +168,11 @@ def write_run_calibration(run: RunFolder, model: torch.nn.Module, ds: Dataset, s
     note(f"{CALIBRATION}: {describe(cal)}")
 
 
+def temperature_and_threshold(cal: dict[str, Any] | None) -> tuple[float, float | None]:
+    """(T, threshold) a calibration says to apply; without one, the plain softmax (T = 1) and no threshold."""
+    return (cal["temperature"], cal["threshold"]) if cal else (1.0, None)
+
+
 def read_calibration(run_dir: Path, step: int) -> tuple[dict[str, Any] | None, str]:
     """(calibration.json's contents, "") when it is there, of this format and fitted for the checkpoint at
     `step`; else (None, why not)."""

@@ -60,11 +60,11 @@ def onnx_metadata(meta: dict[str, Any], calibration: dict[str, Any] | None = Non
     """The metadata_props of a run's ONNX file, from its checkpoint metadata and calibration.json's contents
     (None: uncalibrated, so temperature 1 and no threshold); all values strings, numbers as JSON."""
     from mnistlab import __version__
+    from mnistlab.calibration import temperature_and_threshold
 
     dataset = meta["config"].get("dataset") or "custom"
     tta = [name for name, on in (("hflip", meta.get("hflip_tta")), ("shifts", meta.get("shift_tta"))) if on]
-    temperature = calibration["temperature"] if calibration else 1.0
-    threshold = calibration["threshold"] if calibration else None
+    temperature, threshold = temperature_and_threshold(calibration)
     return {
         "classes": json.dumps(list(meta["classes"])),
         "mean": repr(float(meta["mean"])),

@@ -303,6 +303,7 @@ def export_model_folder(run_dir: Path, out: Path | None = None) -> tuple[Path, s
     """Write RUN_DIR's model as a folder at `out` (default RUN_DIR/hf); (the folder, a note on the picture).
 
     Everything is written into a temporary folder beside `out` first, so a failure leaves `out` as it was."""
+    from mnistlab.calibration import temperature_and_threshold
     from mnistlab.files import write_json
     from mnistlab.record import RunRecord
 
@@ -324,8 +325,7 @@ def export_model_folder(run_dir: Path, out: Path | None = None) -> tuple[Path, s
     try:
         write_weights(staging / WEIGHTS, model)
         write_json(staging / CONFIG, config)
-        samples_note = draw_samples(staging / SAMPLES, model, meta, calibration["temperature"] if calibration else 1.0,
-                                    calibration["threshold"] if calibration else None)
+        samples_note = draw_samples(staging / SAMPLES, model, meta, *temperature_and_threshold(calibration))
         card = render_card(config, _side_file(record.results), _side_file(record.env), samples_note,
                            out.name)
         (staging / CARD).write_text(card)

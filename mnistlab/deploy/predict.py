@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnistlab.calibration import CALIBRATION, fit_calibration, model_logits
+from mnistlab.calibration import CALIBRATION, fit_calibration, model_logits, temperature_and_threshold
 from mnistlab.deploy.preprocess import Prepared, prepare
 from mnistlab.errors import UserError
 
@@ -110,8 +110,7 @@ class Predictor:
         self.dataset: str = self.meta["config"]["dataset"]
         self.mean, self.std = float(self.meta["mean"]), float(self.meta["std"])
         self.calibration = calibration
-        self.temperature: float = self.calibration["temperature"] if self.calibration else 1.0
-        self.threshold: float | None = self.calibration["threshold"] if self.calibration else None
+        self.temperature, self.threshold = temperature_and_threshold(self.calibration)
         self.calibration_note = "" if self.calibration else (
             f"{run_dir}: {why_not}, so probabilities are the plain softmax and no answer is called unsure; {remedy}")
         if self.calibration_note and warn_uncalibrated:
