@@ -314,7 +314,7 @@ def export_model_folder(run_dir: Path, out: Path | None = None) -> tuple[Path, s
     if meta.get("engine") == "scratch" or meta["config"].get("engine") == "scratch":
         raise UserError(f"{run_dir}: a scratch-engine (numpy) run has no PyTorch module to export; "
                         "train it with the default engine to export it")
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_model_folder(out))):
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or has_folder_marker(out))):
         raise UserError(f"{out}: exists and is not an mnistlab model folder; choose another -o")
     model = model.to("cpu", torch.float32).eval()
     calibration, why_not = record.calibration(meta["step"])
@@ -337,7 +337,8 @@ def export_model_folder(run_dir: Path, out: Path | None = None) -> tuple[Path, s
     return out, samples_note
 
 
-def _is_model_folder(folder: Path) -> bool:
+def has_folder_marker(folder: Path) -> bool:
+    """Whether folder/config.json carries this format's marker (a run's config.json has no library_name)."""
     try:
         return json.loads((folder / CONFIG).read_text()).get("library_name") == "mnistlab"
     except (OSError, ValueError, AttributeError):

@@ -15,7 +15,6 @@ and `mnistlab.load` (api.Classifier, which wraps a Predictor) all open models th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,17 +45,12 @@ class Prediction:
 def is_model_folder(path: Path) -> bool:
     """An exported model folder (deploy/model_folder.py), not a run: no checkpoint, and its weights file or its
     config.json's marker (a run's config.json has no library_name)."""
-    from mnistlab.deploy.model_folder import CONFIG, WEIGHTS
+    from mnistlab.deploy.model_folder import WEIGHTS, has_folder_marker
     from mnistlab.run import CHECKPOINT
 
     if not path.is_dir() or (path / CHECKPOINT).is_file():
         return False
-    if (path / WEIGHTS).is_file():
-        return True
-    try:
-        return json.loads((path / CONFIG).read_text()).get("library_name") == "mnistlab"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (path / WEIGHTS).is_file() or has_folder_marker(path)
 
 
 class Predictor:
