@@ -446,6 +446,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         print(check.line())
     failed = sum(not c.passed for c in checks)
     print(f"{len(checks) - failed}/{len(checks)} checks passed in {time.perf_counter() - t0:.1f}s; figure: {out}")
+    if hasattr(lab, "sound_folder"):  # a lab with sounds (cocktail-party) writes WAV files beside the figure
+        print(f"sounds: {lab.sound_folder(out)}/ (16-bit WAV files to listen to)")
     return 1 if failed else 0
 
 
@@ -472,7 +474,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from mnistlab.deploy.predict import Predictor
 
-    predictor = Predictor.open(args.run_dir)  # a run folder, or an exported model folder
+    # a run folder, or an exported model folder; --runtime and --precision choose what computes the logits
+    predictor = Predictor.open(args.run_dir, runtime=args.runtime, precision=args.precision,
+                               force_bf16=args.force_bf16)
     results, errors = predictor.predict_files(args.images, top_k=args.top)
     for r in results:
         if args.json:
@@ -503,7 +507,20 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
     p.add_argument("--json", action="store_true", help="one JSON object per picture")
     p.add_argument("--top", type=_arg_type("positive_int"), default=3, help="how many classes to list (default: 3)")
+    _add_runtime_flags(p)
     p.set_defaults(func=cmd_predict)
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """--runtime, --precision and --force-bf16: what computes the logits (mnistlab/deploy/runtime.py's RUNTIMES and
+    PRECISIONS, spelled out here so that building the parser imports no torch)."""
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default=None,
+                   help="what computes the logits: torch (default for fp32 and bf16) or onnxruntime (default for "
+                        "int8; reads the files `mnistlab export` writes into the run folder)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="fp32 (default); bf16 (PyTorch autocast, on CPUs that compute bf16 natively); int8 "
+                        "(onnxruntime, after `mnistlab export RUN_DIR --quantize int8`). docs/deploy.md measures them")
+    p.add_argument("--force-bf16", action="store_true", help="bf16 even on a CPU that only emulates it (slower)")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -530,6 +547,8 @@ def _add_calibrate_parser(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.quantize and args.format == "hf":
+        raise UserError("--quantize int8 writes an ONNX file: drop --format hf (or --quantize)")
     if args.format == "hf":
         from mnistlab.deploy.model_folder import export_model_folder
 
@@ -538,6 +557,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(samples_note)
         print(f"wrote {folder}/ (model.safetensors, config.json, README.md{'' if samples_note else ', samples.png'}); "
               f"upload it with: huggingface-cli upload USER/NAME {folder}")
+        return 0
+    if args.quantize == "int8":
+        from mnistlab.deploy.quantize import MIN_AGREEMENT, quantize_run
+
+        out, check = quantize_run(Path(args.run_dir), Path(args.output) if args.output else None,
+                                  data_dir=args.data_dir, offline=args.offline)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, int8 weights and activations); its check on held-out "
+              f"training images: the same class as fp32 for {check['agreement']:.1%} (needs {MIN_AGREEMENT:.0%}), "
+              f"logit error {check['logit_error']:.3f} of the logits' spread")
         return 0
     from mnistlab.deploy.export import export_onnx
 
@@ -559,7 +587,13 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
                    help="onnx (default): one .onnx file; hf: a model folder (docs/deploy.md)")
     p.add_argument("-o", "--output", metavar="PATH",
-                   help="where to write (default: RUN_DIR/model.onnx, or the folder RUN_DIR/hf for --format hf)")
+                   help="where to write (default: RUN_DIR/model.onnx, RUN_DIR/model.int8.onnx with --quantize int8, "
+                        "or the folder RUN_DIR/hf for --format hf)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: onnxruntime static quantization calibrated on training images, written only if it "
+                        "agrees with fp32 (loads the dataset; --data-dir, --offline); `predict --precision int8` "
+                        "uses it")
+    _add_data_source_flags(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -663,7 +697,8 @@ def _add_lab_parser(sub) -> None:
                        description="Run a lab: it prints what it verified (PASS/FAIL with numbers) and draws a "
                                    "figure. Without TOPIC: list the labs. Exit status 1 if a check failed.")
     p.add_argument("topic", nargs="?", choices=list(LABS), metavar="TOPIC", help=", ".join(LABS))
-    p.add_argument("-o", "--output", help="PNG file for the figure (default: lab_<topic>.png)")
+    p.add_argument("-o", "--output", help="PNG file for the figure (default: lab_<topic>.png); cocktail-party "
+                                          "also writes its WAV files into <stem>_wav/ beside it")
     p.set_defaults(func=cmd_lab)
 
 

@@ -13,12 +13,14 @@ from types import ModuleType
 # topic -> module; the order is the notes' order
 LABS = {
     "linear-map": "mnistlab.labs.linear_map",
+    "gradient-descent": "mnistlab.labs.gradient_descent",
     "backprop": "mnistlab.labs.backprop",
     "activations": "mnistlab.labs.activations",
     "fft": "mnistlab.labs.fft",
     "attention": "mnistlab.labs.attention",
     "masking": "mnistlab.labs.masking",
     "phase": "mnistlab.labs.phase",
+    "cocktail-party": "mnistlab.labs.cocktail_party",
 }
 
 
