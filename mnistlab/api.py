@@ -15,6 +15,7 @@ import difflib
 import io
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, overload
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from mnistlab.deploy.predict import Prediction, Predictor
+    from mnistlab.deploy.preprocess import Prepared
 
 Picture = Union[str, Path, "Image.Image", "np.ndarray"]  # a file path, a PIL image, or an (H, W) numpy array
 
@@ -41,7 +43,8 @@ class Classifier:
         clf.logits(images_u8)                   # (N, K) for prepared (N, 28, 28) uint8 images
 
     classes: the class names; model: the torch module (eval mode); config: the training configuration (dict);
-    temperature and threshold: the calibration (threshold None: no answer is called unsure)."""
+    temperature and threshold: the calibration (threshold None: no answer is called unsure); runtime: what computes
+    the logits ("torch-fp32" unless load() was told otherwise)."""
 
     def __init__(self, predictor: Predictor, path: Path) -> None:
         self._predictor = predictor
@@ -53,6 +56,7 @@ class Classifier:
         self.dataset: str = predictor.dataset
         self.temperature: float = predictor.temperature
         self.threshold: float | None = predictor.threshold
+        self.runtime: str = predictor.runtime  # what computes the logits: "torch-fp32", "onnxruntime-int8", ...
 
     def __repr__(self) -> str:
         return (f"Classifier({str(self.path)!r}: {self.meta['model']} on {self.dataset}, {len(self.classes)} classes, "
@@ -72,21 +76,32 @@ class Classifier:
             clf.predict("shoe.jpg")                   # Prediction(status='ok', label='Sneaker', ...)
             [p.label for p in clf.predict(["a.png", "b.png"], top=3)]
         """
-        from mnistlab.deploy.preprocess import UnreadableImage, prepare_picture
-
-        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-            raise UserError(f"top={top!r}: give a positive whole number of classes to list")
+        _check_top(top)
         one = not isinstance(pictures, list | tuple)
         items = [pictures] if one else list(pictures)
-        prepared = []
-        for i, picture in enumerate(items):
-            name = str(picture) if isinstance(picture, str | Path) else f"picture {i}"
-            try:
-                prepared.append((name, prepare_picture(picture, self.dataset)))
-            except UnreadableImage as e:
-                raise UserError(str(e) if isinstance(picture, str | Path) else f"{name}: {e}") from None
+        prepared = [self._prepared(picture, i) for i, picture in enumerate(items)]
         answers = self._predictor.predict_prepared(prepared, top_k=top)
         return answers[0] if one else answers
+
+    def _prepared(self, picture: Picture, i: int = 0) -> tuple[str, Prepared]:
+        """(name, the 28x28 view the model sees) of one picture; an unreadable one is a UserError."""
+        from mnistlab.deploy.preprocess import UnreadableImage, prepare_picture
+
+        name = str(picture) if isinstance(picture, str | Path) else f"picture {i}"
+        try:
+            return name, prepare_picture(picture, self.dataset)
+        except UnreadableImage as e:
+            raise UserError(str(e) if isinstance(picture, str | Path) else f"{name}: {e}") from None
+
+    def batched(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, workers: int = 1) -> BatchedClassifier:
+        """This classifier for many callers at once (threads or asyncio tasks): each prepares its own picture,
+        and the model calls of pictures that arrive while the model is busy are made as one batch
+        (deploy/batcher.py, the server's batcher). A lone picture is answered at once.
+
+            with clf.batched(max_batch=32, max_wait_ms=2) as b:
+                answers = list(ThreadPoolExecutor(8).map(b.predict, paths))   # or: await b.apredict(path)
+        """
+        return BatchedClassifier(self, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers)
 
     def logits(self, images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, K) float32 logits of prepared images: uint8 (N, 28, 28) (or one (28, 28)), light ink on black as the
@@ -107,16 +122,78 @@ class Classifier:
         return self._predictor.logits(batch.reshape(-1, 28, 28).cpu())
 
 
-def load(path: str | Path, *, warn_uncalibrated: bool = True) -> Classifier:
+def _check_top(top: int) -> None:
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise UserError(f"top={top!r}: give a positive whole number of classes to list")
+
+
+class BatchedClassifier:
+    """A Classifier shared by many callers: `clf.batched(...)` makes one. Each call prepares its picture in the
+    caller's thread (apredict: in a worker thread), and the model calls go through one Batcher. Close it (or use
+    `with`) when done: its model thread stops once the queued pictures are answered."""
+
+    def __init__(self, classifier: Classifier, *, max_batch: int, max_wait_ms: float, workers: int) -> None:
+        from mnistlab.deploy.batcher import prediction_batcher
+
+        self.classifier = classifier
+        try:
+            self._batcher = prediction_batcher(classifier._predictor, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                               workers=workers)
+        except ValueError as e:
+            raise UserError(f"batched: {e}") from None
+
+    def submit(self, picture: Picture, top: int = 1) -> Future[Prediction]:
+        """The picture's answer as a concurrent.futures.Future (the picture is prepared here, before it returns)."""
+        from mnistlab.deploy.batcher import Ask
+
+        _check_top(top)
+        return self._batcher.submit(Ask(*self.classifier._prepared(picture), top))
+
+    def predict(self, picture: Picture, top: int = 1) -> Prediction:
+        """One picture's answer, as Classifier.predict gives it; safe to call from many threads at once."""
+        return self.submit(picture, top).result()
+
+    async def apredict(self, picture: Picture, top: int = 1) -> Prediction:
+        """predict() for asyncio: the picture is prepared in a worker thread and the answer awaited."""
+        import asyncio
+
+        from mnistlab.deploy.batcher import Ask
+
+        _check_top(top)
+        name, prepared = await asyncio.to_thread(self.classifier._prepared, picture)
+        return await self._batcher.run(Ask(name, prepared, top))
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The size of every model call made so far."""
+        return self._batcher.sizes
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    def __enter__(self) -> BatchedClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(path: str | Path, *, runtime: str | None = None, precision: str = "fp32", warn_uncalibrated: bool = True,
+         force_bf16: bool = False) -> Classifier:
     """A Classifier from a training run's folder or an exported model folder (`mnistlab export --format hf`).
     Reads only; anything wrong (no such path, an empty folder, a damaged checkpoint, a pre-training run, ...)
-    is one MnistlabError line.
+    is one MnistlabError line. runtime ("torch", "onnxruntime") and precision ("fp32", "bf16", "int8") choose what
+    computes the logits, as `mnistlab predict --runtime --precision` do (docs/deploy.md); force_bf16: bf16 on a CPU
+    without native bf16.
 
         clf = mnistlab.load("runs/20260101-120000-digits-cnn")
+        clf = mnistlab.load("runs/20260101-120000-digits-cnn", precision="int8")  # after export --quantize int8
     """
     from mnistlab.deploy.predict import Predictor
 
-    return Classifier(Predictor.open(path, warn_uncalibrated=warn_uncalibrated), Path(path))
+    predictor = Predictor.open(path, runtime=runtime, precision=precision, warn_uncalibrated=warn_uncalibrated,
+                               force_bf16=force_bf16)
+    return Classifier(predictor, Path(path))
 
 
 @dataclass(frozen=True)

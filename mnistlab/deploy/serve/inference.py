@@ -1,4 +1,8 @@
-"""Below the HTTP layer: a request's picture -> the served model's answer, in a worker thread.
+"""Below the HTTP layer: a request's picture -> the served model's answer.
+
+Decoding and preparing a picture run per request in worker threads (several at once: Pillow and numpy
+release the GIL for most of it); the model call goes through the model's Batcher (deploy/batcher.py), which
+runs a lone request at once and gathers requests that arrive while the model is busy into one call.
 
 Nothing here knows FastAPI: app.py turns these exceptions into status codes, and anything shaped like
 a Predictor (ServedModel: a fake one in the tests) can be served.
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import numpy as np
 
+from mnistlab.deploy.batcher import Ask, Batcher
 from mnistlab.deploy.preprocess import (
     BLANK_INK,
     Prepared,
@@ -97,17 +102,10 @@ def model_view(picture: Picture, dataset: str) -> Prepared:
     return view_of(*decode(picture.data or b""), dataset)
 
 
-def answer(model: ServedModel, picture: Picture) -> Prediction:
-    """Decode, prepare and predict one picture, every class ranked (blocking: run it in a worker thread)."""
-    import torch
-
-    prepared = model_view(picture, model.dataset)
-    with torch.inference_mode():
-        (result,) = model.predict_prepared([(picture.name, prepared)], top_k=len(model.classes))
-    return result
-
-
-async def answer_in_thread(model: ServedModel, picture: Picture, limiter: anyio.CapacityLimiter) -> Prediction:
-    """answer() in a worker thread, at most limiter.total_tokens at once: the event loop (and /healthz) stays free,
-    and requests beyond the limit wait for a token without holding a thread."""
-    return await anyio.to_thread.run_sync(partial(answer, model, picture), limiter=limiter)
+async def answer_in_thread(model: ServedModel, picture: Picture, limiter: anyio.CapacityLimiter,
+                           batcher: Batcher[Ask, Prediction]) -> Prediction:
+    """The picture prepared in a worker thread (at most limiter.total_tokens at once; requests beyond wait for a
+    token without holding a thread, so the event loop and /healthz stay free), then its model call through the
+    batcher, every class ranked. `batcher` is prediction_batcher(model)."""
+    prepared = await anyio.to_thread.run_sync(partial(model_view, picture, model.dataset), limiter=limiter)
+    return await batcher.run(Ask(picture.name, prepared, len(model.classes)))

@@ -1,0 +1,183 @@
+"""A micro-batcher: many callers, one model call per batch, each answer back to its own caller.
+
+    batcher = Batcher(lambda items: [f(x) for x in items], max_batch=32, max_wait_ms=2)
+    batcher.submit(item)        # a concurrent.futures.Future, from any thread
+    await batcher.run(item)     # the same from asyncio
+    batcher.close()             # the queued items are still answered; later submits are refused
+
+How a batch forms. A model worker that is idle runs a lone item at once: at low load nothing waits for
+company. While every worker is busy, arriving items queue; the worker that frees up takes up to
+`max_batch` of them, oldest first, and, if fewer are there, waits for more until the oldest has waited
+`max_wait_ms` since it arrived (never longer, and not at all if it has already waited that long). A
+steady stream therefore never starves anyone: the queue is first in, first out, and a batch never skips
+an older item for a newer one.
+
+Errors go to their own callers. If a batch call raises, each of its items is run again alone, so a picture
+that breaks the model fails only its own request; an item that fails alone gets its exception. A caller
+that cancels (a client that went away) is skipped before its batch runs.
+
+This module knows nothing of HTTP: the server (serve/inference.py), `mnistlab.load(...).batched()`
+(api.py) and anything else that wants batching share it. `prediction_batcher(predictor)` makes the one
+for a Predictor: the items are prepared 28x28 views, the answers Predictions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from mnistlab.deploy.predict import Prediction
+    from mnistlab.deploy.preprocess import Prepared
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_BATCH = 32  # a fashion CNN's batch of 32 costs ~1 ms on 2 cores: small beside a request's decoding
+MAX_WAIT_MS = 2.0  # how long a queued item may wait for company beyond the wait for a free worker
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was closed: it takes no new items."""
+
+
+@dataclass
+class _Item(Generic[T, R]):
+    value: T
+    future: Future[R]
+    arrived: float  # time.monotonic() when submitted
+    crowded: bool  # every worker was busy when it arrived: it may wait (max_wait) for company
+
+
+class Batcher(Generic[T, R]):
+    """Runs `fn(list of items) -> list of answers (same order, same length)` in `workers` threads, batching the
+    items that queue up while every worker is busy. `sizes` records each batch's size (for tests and bench)."""
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = MAX_BATCH,
+                 max_wait_ms: float = MAX_WAIT_MS, workers: int = 1, name: str = "batcher") -> None:
+        if max_batch < 1 or workers < 1 or max_wait_ms < 0:
+            raise ValueError(f"max_batch ({max_batch}) and workers ({workers}) must be >= 1, max_wait_ms "
+                             f"({max_wait_ms}) >= 0")
+        self.fn, self.max_batch, self.max_wait, self.workers = fn, max_batch, max_wait_ms / 1000, workers
+        self.sizes: list[int] = []
+        self._queue: deque[_Item[T, R]] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._busy = 0  # workers between taking a batch and answering it
+        # started by the first submit: an app or a Classifier that never predicts holds no threads
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+
+    def submit(self, item: T) -> Future[R]:
+        """Queue one item; its Future holds the answer or the exception its batch raised for it."""
+        future: Future[R] = Future()
+        with self._ready:
+            if self._closed:
+                raise BatcherClosed("the batcher is closed")
+            if self._threads[0].ident is None:
+                for thread in self._threads:
+                    thread.start()
+            self._queue.append(_Item(item, future, time.monotonic(), crowded=self._busy >= self.workers))
+            self._ready.notify()
+        return future
+
+    async def run(self, item: T) -> R:
+        """submit() from asyncio: awaits the answer without holding a thread (cancelling it skips the item)."""
+        return await asyncio.wrap_future(self.submit(item))
+
+    def __call__(self, item: T) -> R:
+        """submit() and wait: the blocking form, for callers in their own threads."""
+        return self.submit(item).result()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Take no new items; answer the queued ones, then stop the workers."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        for thread in self._threads:
+            if thread.ident and thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def __enter__(self) -> Batcher[T, R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_batch(self) -> list[_Item[T, R]] | None:
+        """The oldest queued items (at most max_batch), as soon as the batch is due; None once closed and empty."""
+        with self._ready:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._ready.wait()
+            if self._queue[0].crowded:  # it queued behind busy workers: let more join, bounded by its own wait
+                due = self._queue[0].arrived + self.max_wait
+                while len(self._queue) < self.max_batch and not self._closed and (left := due - time.monotonic()) > 0:
+                    self._ready.wait(left)
+                    if not self._queue:  # another worker took them
+                        return []
+            n = min(self.max_batch, len(self._queue))
+            self._busy += 1
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            # a caller that cancelled is dropped here; the rest are marked running (no longer cancellable)
+            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if live:
+                self.sizes.append(len(live))
+            outcomes = self._outcomes(live)
+            with self._ready:
+                if batch:
+                    self._busy -= 1  # before the callers hear back: the next item a caller sends finds us idle
+            for item, (ok, outcome) in zip(live, outcomes, strict=True):
+                if ok:
+                    item.future.set_result(outcome)
+                else:
+                    item.future.set_exception(outcome)
+
+    def _outcomes(self, items: list[_Item[T, R]]) -> list[tuple[bool, Any]]:
+        """(True, answer) or (False, exception) for each item, in order."""
+        if not items:
+            return []
+        try:
+            answers = list(self.fn([item.value for item in items]))
+            if len(answers) != len(items):
+                raise RuntimeError(f"the batch function returned {len(answers)} answers for {len(items)} items")
+        except BaseException as e:  # every exception belongs to a caller, not to this thread
+            if len(items) > 1:  # find the culprit: each item alone, so only a failing one fails
+                return [outcome for item in items for outcome in self._outcomes([item])]
+            return [(False, e)]
+        return [(True, answer) for answer in answers]
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One picture's question to a prediction batcher: its name, its prepared view, how many classes to list."""
+
+    name: str
+    prepared: Prepared
+    top_k: int
+
+
+def prediction_batcher(predictor, *, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
+                       workers: int = 1) -> Batcher[Ask, Prediction]:
+    """A Batcher over predictor.predict_prepared (a Predictor, or anything shaped like one): one model call per
+    batch under torch.inference_mode, each answer listing its own top_k classes."""
+    import torch
+
+    def predict(asks: list[Ask]) -> list[Prediction]:
+        k = max(ask.top_k for ask in asks)
+        with torch.inference_mode():
+            answers = predictor.predict_prepared([(ask.name, ask.prepared) for ask in asks], top_k=k)
+        for ask, answer in zip(asks, answers, strict=True):
+            answer.top = answer.top[:ask.top_k]
+        return answers
+
+    return Batcher(predict, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers, name="model")
