@@ -151,20 +151,20 @@ def test_momentum_and_gd_best_settings_give_their_textbook_rates():
     assert gd.steps_to(gd.gd_path(H, [1.0, 1.0], 2.1 / 100, 200)) is None  # past 2/L it never gets there
 
 
-def test_adam_path_matches_torch_adam_on_a_quadratic():
-    import torch
+def test_adam_path_matches_the_scratch_engines_adam_on_a_quadratic():
+    from mnistlab.scratch import optim, tensor
 
     gd = load_lab("gradient-descent")
     H = gd.quadratic([1.0, 10.0, 100.0], seed=2)
     x0 = np.array([1.0, -1.0, 2.0])
     ours = gd.adam_path(H, x0, 0.05, 50)
-    x = torch.tensor(x0, requires_grad=True)
-    opt = torch.optim.Adam([x], lr=0.05)
+    x = tensor(x0, requires_grad=True, dtype=np.float64)
+    opt = optim.Adam([x], lr=0.05)  # tests/test_scratch.py matches it to torch.optim.Adam step for step
     for _ in range(50):
         opt.zero_grad()
-        (0.5 * x @ torch.tensor(H) @ x).backward()
+        (x * tensor(H @ x.data, dtype=np.float64)).sum().backward()  # its gradient is the constant H x: f's
         opt.step()
-    assert np.allclose(ours[-1], x.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert np.allclose(ours[-1], x.data, rtol=1e-10, atol=1e-12)
 
 
 def test_range_test_reads_its_three_points_and_suggests_nothing_without_a_blow_up():

@@ -457,7 +457,7 @@ def draw(out: Path, bowl, lam, x0, factors, paths, rates, mlp) -> None:
         p = gd_path(bowl, BOWL_START, eta, 25)
         outside = np.flatnonzero(np.abs(p).max(1) > 6)
         p = p[: outside[0] + 1] if len(outside) else p  # a diverging run: up to the step that leaves the view
-        ax.plot(p[:, 0], p[:, 1], "o-", ms=3, lw=1, color=colors[name], label=name)
+        ax.plot(p[:, 0], p[:, 1], "o-", ms=3, lw=1, color=colors[name], label=name, alpha=0.6 if eta > 2 / big else 1)
     ax.plot(0, 0, "k*", ms=12)
     ax.set_xlim(-6, 6)
     ax.set_ylim(-6, 6)
@@ -504,8 +504,8 @@ def draw(out: Path, bowl, lam, x0, factors, paths, rates, mlp) -> None:
     ax.set_xlim(0, 800)
     ax.set_xlabel("step")
     ax.set_ylabel("||x_t|| / ||x_0|| (distance to the minimum)")
-    ax.set_title(f"kappa = {lam[-1] / lam[0]:g} valley: gradient descent, momentum, Adam "
-                 f"(line: the tolerance {TOL:.0e})", fontsize=10)
+    ax.set_title(f"kappa = {lam[-1] / lam[0]:g} valley: gradient descent, momentum, Adam (grey line: {TOL:.0e})\n"
+                 "Adam at a fixed lr bounces back: v forgets the early large gradients, the step grows", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -539,6 +539,9 @@ def draw(out: Path, bowl, lam, x0, factors, paths, rates, mlp) -> None:
     ax.set_title(f"the loss landscape on the line through the start and end of training\n"
                  f"({len(mlp['losses'])} steps, {cfg.optimizer} peak lr {cfg.lr:g}, {cfg.schedule}; "
                  f"test accuracy {mlp['accuracy']:.1%})", fontsize=10)
+    ax.set_ylim(4e-3, 5)
+    ax.text(-0.45, 5e-3, "past the end the train loss still falls (larger weights, surer logits)\n"
+            "while the test loss rises: further along this line is overfitting", fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     save_figure(fig, out)
