@@ -90,11 +90,19 @@ def onnx_metadata(meta: dict[str, Any], calibration: dict[str, Any] | None = Non
 
 def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
     """Export the model of `run_dir` to ONNX at `out` (default RUN_DIR/model.onnx); return the path."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / ONNX_FILE
+    atomic_write_bytes(out, onnx_model_bytes(run_dir))
+    return out
+
+
+def onnx_model_bytes(run_dir: Path) -> bytes:
+    """The ONNX file of `run_dir`'s model, in memory, after its parity check (export_onnx writes it;
+    deploy/quantize.py quantizes it)."""
     from mnistlab import record
 
     onnx, _ = _require_onnx()
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / ONNX_FILE
     model, meta = record.load_run_checkpoint(run_dir)
     if meta.get("engine") == "scratch":
         raise UserError(f"{run_dir}: a scratch-engine (numpy) run has no PyTorch graph to export; "
@@ -128,8 +136,7 @@ def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
         detail = " ".join(str(e).split())[:300] or type(e).__name__
         raise UserError(f"cannot export model {name} of {run_dir} to ONNX: {detail}") from None
     _check_parity(model, data, meta["in_chans"], name)
-    atomic_write_bytes(out, data)
-    return out
+    return data
 
 
 class _FixedBatch(Exception):

@@ -10,7 +10,9 @@ nothing is. A blank picture is answered "blank" before the model runs.
 
 `Predictor.open(path)` takes a run folder (read through record.RunRecord) or an exported model folder
 (deploy/model_folder.py, whose config.json carries the calibration): `mnistlab predict`, `mnistlab serve`
-and `mnistlab.load` (api.Classifier, which wraps a Predictor) all open models this one way.
+and `mnistlab.load` (api.Classifier, which wraps a Predictor) all open models this one way. Its `runtime`
+and `precision` choose what computes the logits (deploy/runtime.py: torch fp32, the default, or bf16;
+onnxruntime fp32 or int8 from the files `mnistlab export` writes); every Prediction names it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnistlab.calibration import CALIBRATION, fit_calibration, model_logits, temperature_and_threshold
+from mnistlab.calibration import CALIBRATION, fit_calibration, temperature_and_threshold
 from mnistlab.deploy.preprocess import Prepared, prepare
+from mnistlab.deploy.runtime import Runtime, TorchRuntime, open_runtime, resolve
 from mnistlab.errors import UserError
 
 
@@ -36,10 +39,11 @@ class Prediction:
     probability: float | None = None
     top: list[dict[str, Any]] = field(default_factory=list)
     image: np.ndarray | None = field(default=None, repr=False)  # the 28x28 view the model saw
+    runtime: str | None = None  # what computed the logits ("torch-fp32", "onnxruntime-int8"); None when blank
 
     def to_dict(self) -> dict[str, Any]:
         return dict(path=self.path, status=self.status, label=self.label, index=self.index,
-                    probability=self.probability, top=self.top)
+                    probability=self.probability, top=self.top, runtime=self.runtime)
 
 
 def is_model_folder(path: Path) -> bool:
@@ -58,7 +62,8 @@ class Predictor:
 
     temperature: T, 1.0 when uncalibrated; threshold: the top probability below which an answer is
     "unsure", or None when there is none (no calibration, or too little validation evidence for one);
-    calibration: calibration.json's contents, or None; calibration_note: why it is missing, or ""."""
+    calibration: calibration.json's contents, or None; calibration_note: why it is missing, or "";
+    backend: the Runtime that computes the logits (torch fp32 unless `open` was told otherwise), runtime: its name."""
 
     def __init__(self, run_dir: str | Path, *, warn_uncalibrated: bool = True) -> None:
         from mnistlab.record import RunRecord
@@ -70,17 +75,25 @@ class Predictor:
                    remedy=f"`mnistlab calibrate {run_dir}` fits the calibration")
 
     @classmethod
-    def open(cls, path: str | Path, *, warn_uncalibrated: bool = True) -> Predictor:
-        """The Predictor of a run folder, or of an exported model folder (`mnistlab export --format hf`)."""
+    def open(cls, path: str | Path, *, runtime: str | None = None, precision: str = "fp32",
+             warn_uncalibrated: bool = True, force_bf16: bool = False) -> Predictor:
+        """The Predictor of a run folder, or of an exported model folder (`mnistlab export --format hf`), computing
+        with `runtime` ("torch" or "onnxruntime"; None: the precision's usual one) in `precision` ("fp32", "bf16",
+        "int8"); force_bf16: bf16 even on a CPU that only emulates it (deploy/runtime.py)."""
         path = Path(path)
         if not is_model_folder(path):
-            return cls(path, warn_uncalibrated=warn_uncalibrated)
-        from mnistlab.deploy.model_folder import read_model_folder
+            predictor = cls(path, warn_uncalibrated=warn_uncalibrated)
+        else:
+            from mnistlab.deploy.model_folder import read_model_folder
 
-        model, meta = read_model_folder(path)
-        calibration = meta.pop("calibration", None)
-        return cls.from_parts(path, model, meta, calibration, "the model folder carries no calibration",
-                              warn_uncalibrated=warn_uncalibrated)
+            model, meta = read_model_folder(path)
+            calibration = meta.pop("calibration", None)
+            predictor = cls.from_parts(path, model, meta, calibration, "the model folder carries no calibration",
+                                       warn_uncalibrated=warn_uncalibrated)
+        if resolve(runtime, precision) != ("torch", "fp32"):
+            predictor.backend = open_runtime(path, predictor.model, predictor.meta, runtime, precision,
+                                             force_bf16=force_bf16)
+        return predictor
 
     @classmethod
     def from_parts(cls, source: str | Path, model: torch.nn.Module, meta: dict[str, Any],
@@ -103,6 +116,7 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.dataset: str = self.meta["config"]["dataset"]
         self.mean, self.std = float(self.meta["mean"]), float(self.meta["std"])
+        self.backend: Runtime = TorchRuntime(self.model, self.mean, self.std)
         self.calibration = calibration
         self.temperature, self.threshold = temperature_and_threshold(self.calibration)
         self.calibration_note = "" if self.calibration else (
@@ -110,9 +124,14 @@ class Predictor:
         if self.calibration_note and warn_uncalibrated:
             note(self.calibration_note)
 
+    @property
+    def runtime(self) -> str:
+        """What computes the logits: "torch-fp32", "torch-bf16", "onnxruntime-fp32" or "onnxruntime-int8"."""
+        return self.backend.name
+
     def logits(self, images_u8: torch.Tensor) -> torch.Tensor:
-        """(N, K) logits of uint8 images (N, 28, 28), in batches."""
-        return model_logits(self.model, images_u8, self.mean, self.std)
+        """(N, K) logits of uint8 images (N, 28, 28), in batches, computed by the runtime."""
+        return self.backend.logits_u8(images_u8)
 
     def predict_prepared(self, prepared: list[tuple[str, Prepared]], top_k: int = 3) -> list[Prediction]:
         """Predictions for pictures already turned into the model's 28x28 view."""
@@ -128,6 +147,7 @@ class Predictor:
                 p = float(values[row, 0])
                 results[i].status = "unsure" if self.threshold is not None and p < self.threshold else "ok"
                 results[i].index, results[i].label, results[i].probability = best, self.classes[best], p
+                results[i].runtime = self.runtime
                 results[i].top = [dict(label=self.classes[int(j)], index=int(j), probability=float(v))
                                   for v, j in zip(values[row].tolist(), indices[row].tolist(), strict=True)]
         return results
