@@ -20,7 +20,7 @@ SLOW_LABS = {
     "fft": "convolutions by FFT and directly on many sizes: about 4 s",
     "phase": "2-D FFTs of several images and a figure of many panels: about 2 s",
     "backprop": "trains a small network by hand and checks it against torch: about 2 s",
-    "cocktail-party": "FastICA several times, complex ICA in 129 STFT bins, Griffin-Lim, 19 WAV files: about 3 s",
+    "cocktail-party": "FastICA several times, complex ICA in 129 STFT bins, Griffin-Lim, 19 WAV files: about 4 s",
     "gradient-descent": "a range test and a 315-step run of the MLP on digits, and six panels: seconds",
 }  # linear-map (about 1 s) is the quick loop's one whole lab
 
@@ -102,7 +102,7 @@ def test_wav_files_are_16_bit_mono_at_the_lab_rate_and_full_length(tmp_path):
     assert pcm.size == x.size and np.abs(pcm / 32767 - 0.9 * x).max() < 1e-4  # scaled to 90% of full scale
 
 
-@pytest.mark.slow  # the whole lab: about 3 s
+@pytest.mark.slow  # the whole lab: about 4 s
 def test_cocktail_party_passes_without_espeak_and_writes_its_wavs_beside_the_figure(monkeypatch, tmp_path, capsys):
     which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "espeak-ng" else which(name, *a, **k))
