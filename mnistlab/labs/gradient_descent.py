@@ -208,7 +208,13 @@ class RangeTest:
 
     @property
     def suggestion(self) -> float | None:
-        """A tenth of the divergence point: the rule this lab follows (see run's check for why)."""
+        """A tenth of the divergence point: the rule this lab follows.
+
+        Why this rule and not the steepest fall: the point where the loss climbs back above its start is
+        a level crossing, read steadily from a noisy curve (over seeds 0-4 it moved by 2x), while a slope
+        amplifies the noise. Why a tenth: on the quadratic the edge is eta = 2/L and a rate just under it
+        zigzags; a network's curvature changes as it trains, so a whole run needs a margin below the edge.
+        """
         return None if self.divergence is None else self.divergence / 10
 
 
