@@ -25,12 +25,19 @@ trained weights (Goodfellow et al. 2015) shows the start high and the end at the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mnistlab.labs import Check
+
+if TYPE_CHECKING:
+    import torch
+
+Vector = np.ndarray | Sequence[float]  # a point x, or a list of curvatures
 
 TITLE = "gradient descent on a quadratic: diverges above eta = 2/L; rates; momentum and Adam; an LR range test"
 
@@ -45,7 +52,7 @@ ADAM_LRS = tuple(np.geomspace(1e-3, 1.0, 7))
 # ---- a quadratic bowl ---------------------------------------------------------------------------------
 
 
-def quadratic(eigenvalues, seed: int | None = 0, angle: float | None = None) -> np.ndarray:
+def quadratic(eigenvalues: Vector, seed: int | None = 0, angle: float | None = None) -> np.ndarray:
     """H = Q diag(eigenvalues) Q^T: a bowl with these curvatures, its axes turned by a random rotation Q.
 
     seed None keeps the axes on the coordinate axes (H diagonal); `angle` (degrees, 2-D only) turns
@@ -64,12 +71,12 @@ def quadratic(eigenvalues, seed: int | None = 0, angle: float | None = None) -> 
     return (q * lam) @ q.T  # (d, d), symmetric
 
 
-def loss(H: np.ndarray, x: np.ndarray) -> np.ndarray:
+def quadratic_loss(H: np.ndarray, x: np.ndarray) -> np.ndarray:
     """f(x) = 1/2 x^T H x for each point x of (..., d): the height of the bowl; its minimum is 0 at x = 0."""
     return 0.5 * np.einsum("...i,ij,...j->...", x, H, x)
 
 
-def gd_path(H: np.ndarray, x0, eta: float, steps: int) -> np.ndarray:
+def gd_path(H: np.ndarray, x0: Vector, eta: float, steps: int) -> np.ndarray:
     """Plain gradient descent x <- x - eta * grad f(x), grad f(x) = H x: every point, (steps + 1, d)."""
     xs = [np.asarray(x0, dtype=np.float64)]
     for _ in range(steps):
@@ -77,7 +84,7 @@ def gd_path(H: np.ndarray, x0, eta: float, steps: int) -> np.ndarray:
     return np.stack(xs)
 
 
-def momentum_path(H: np.ndarray, x0, eta: float, beta: float, steps: int) -> np.ndarray:
+def momentum_path(H: np.ndarray, x0: Vector, eta: float, beta: float, steps: int) -> np.ndarray:
     """Heavy-ball momentum: x <- x - eta grad f(x) + beta (x - x_previous); every point, (steps + 1, d).
 
     The last step, carried on with weight beta, builds up speed along the valley floor, where the
@@ -92,7 +99,7 @@ def momentum_path(H: np.ndarray, x0, eta: float, beta: float, steps: int) -> np.
     return np.stack(xs)
 
 
-def adam_path(H: np.ndarray, x0, lr: float, steps: int, betas: tuple[float, float] = (0.9, 0.999),
+def adam_path(H: np.ndarray, x0: Vector, lr: float, steps: int, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 1e-8) -> np.ndarray:
     """Adam, as torch.optim.Adam computes it; every point, (steps + 1, d).
 
@@ -163,7 +170,7 @@ def eigen_contractions(H: np.ndarray, path: np.ndarray, floor: float = 1e-10) ->
     return lam, sign * factor
 
 
-def stability_check(H: np.ndarray, x0, steps: int = 300) -> Check:
+def stability_check(H: np.ndarray, x0: Vector, steps: int = 300) -> Check:
     """Run gradient descent at 0.95 * 2/L and at 1.05 * 2/L: the first must converge, the second diverge."""
     big = np.linalg.eigvalsh(H)[-1]
     below, above = gd_path(H, x0, 0.95 * 2 / big, steps), gd_path(H, x0, 1.05 * 2 / big, steps)
@@ -221,8 +228,8 @@ class RangeTest:
         return None if self.divergence is None else self.divergence / 10
 
 
-def train_steps(model, optimizer, x, y, lrs, batch_size: int, seed: int = 0,
-                stop_factor: float = math.inf) -> np.ndarray:
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                lrs: Sequence[float], batch_size: int, seed: int = 0, stop_factor: float = math.inf) -> np.ndarray:
     """One optimizer step per entry of `lrs`, at that learning rate, on shuffled batches; the batch losses.
 
     The batches follow the training loop's order (data.batches.epoch_permutation: an epoch's order is
@@ -261,7 +268,8 @@ def centred_mean(values: np.ndarray, half: int = 4) -> np.ndarray:
     return (c[hi] - c[lo]) / (hi - lo)
 
 
-def lr_range_test(model, optimizer, x, y, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 150,
+def lr_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 150,
                   batch_size: int = 64, seed: int = 0) -> RangeTest:
     """Train once while the learning rate grows exponentially from lr_min to lr_max; the loss at each rate.
 
@@ -276,7 +284,8 @@ def lr_range_test(model, optimizer, x, y, lr_min: float = 1e-5, lr_max: float = 
     return RangeTest(lrs[: len(losses)], losses, centred_mean(losses))
 
 
-def landscape_slice(model, start, end, x, y, alphas) -> np.ndarray:
+def landscape_slice(model: torch.nn.Module, start: torch.Tensor, end: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    alphas: Sequence[float]) -> np.ndarray:
     """The loss at weights start + a (end - start) for each a of `alphas` (start, end: flat weight vectors).
 
     a = 0 is the start, a = 1 the end; a < 0 and a > 1 look behind the start and beyond the end along the
@@ -296,7 +305,7 @@ def landscape_slice(model, start, end, x, y, alphas) -> np.ndarray:
     return np.array(out)
 
 
-def digits_tensors():
+def digits_tensors() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The digits set as the training loop sees it: normalised (N, 1, 28, 28) images and labels, train and test."""
     from mnistlab.data.batches import to_input
     from mnistlab.data.dataset import load_dataset
@@ -309,7 +318,7 @@ def digits_tensors():
 # ---- the lab ------------------------------------------------------------------------------------------
 
 
-def mlp_on_digits(seed: int = 0) -> dict:
+def mlp_on_digits(seed: int = 0) -> dict[str, Any]:
     """The real-network half of the lab: a range test, then a run with the project's settings and its slice.
 
     The settings are those `mnistlab train --dataset digits --model mlp` resolves to (config.py:
@@ -439,11 +448,12 @@ def run(out: Path | None = None) -> list[Check]:
                         f"above the lowest; falls all the way from a = 0 to 1: {'yes' if falls else 'no'}; test "
                         f"loss lowest at a = {a[int(np.argmin(s_test))]:.2f}; test accuracy {mlp['accuracy']:.1%}"))
     if out is not None:
-        draw(out, bowl, lam, x0, factors, paths, (r_gd, r_hb), mlp)
+        draw(out, bowl, lam, factors, paths, (r_gd, r_hb), mlp)
     return checks
 
 
-def draw(out: Path, bowl, lam, x0, factors, paths, rates, mlp) -> None:
+def draw(out: Path, bowl: np.ndarray, lam: np.ndarray, factors: dict[str, tuple[np.ndarray, np.ndarray]],
+         paths: dict[str, np.ndarray], rates: tuple[float, float], mlp: dict[str, Any]) -> None:
     from mnistlab.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -458,7 +468,7 @@ def draw(out: Path, bowl, lam, x0, factors, paths, rates, mlp) -> None:
     ax = axes[0, 0]
     g = np.linspace(-6, 6, 241)
     gx, gy = np.meshgrid(g, g)
-    ax.contour(gx, gy, loss(bowl, np.stack([gx, gy], -1)), levels=np.geomspace(0.05, 150, 14), colors="0.75",
+    ax.contour(gx, gy, quadratic_loss(bowl, np.stack([gx, gy], -1)), levels=np.geomspace(0.05, 150, 14), colors="0.75",
                linewidths=0.8)
     for name, eta in etas.items():
         if "2/(L+mu)" in name:
@@ -477,7 +487,7 @@ def draw(out: Path, bowl, lam, x0, factors, paths, rates, mlp) -> None:
 
     ax = axes[0, 1]
     for name, eta in etas.items():
-        ax.semilogy(loss(bowl, gd_path(bowl, BOWL_START, eta, 80)), color=colors[name], label=name)
+        ax.semilogy(quadratic_loss(bowl, gd_path(bowl, BOWL_START, eta, 80)), color=colors[name], label=name)
     ax.set_ylim(1e-12, 1e4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss f(x) = 1/2 x^T H x")
