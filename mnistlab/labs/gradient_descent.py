@@ -13,8 +13,9 @@ shrinks on its own, as (1 - eta lambda_i)^t. From that one line:
 - momentum (the heavy ball, Polyak 1964) remembers the last step and brings that rate down to
   (sqrt(kappa) - 1)/(sqrt(kappa) + 1): about sqrt(kappa) times fewer steps;
 - Adam (Kingma & Ba 2015) scales each coordinate by its own running gradient size. It needs no
-  eigenvalues; on this bowl it sits between the two. Its scaling is per coordinate, so it helps
-  more when the valley's axes are the coordinate axes.
+  eigenvalues; on this bowl it sits between the two. Its scaling is per coordinate, so it can help
+  more when the valley's axes are the coordinate axes (here: much at a small lr, hardly at its best
+  one). At a fixed lr it does not settle: once the gradients are tiny its step grows back.
 
 Then the same ideas on a real network, the zoo's MLP on `digits`: a learning-rate range test
 (Smith 2017) finds the learning rate from a single short run, compared with the one the project
