@@ -608,7 +608,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from mnistlab.deploy.serve.server import run_server
     except ImportError as e:
         raise UserError(f'serving needs the serve extra: pip install "mnistlab[serve]" ({e})') from None
-    run_server(args.run_dirs, args.host, args.port, max_upload=round(args.max_upload_mb * 2**20))
+    from mnistlab.deploy.serve.server import ServeSettings
+
+    chosen = {name: getattr(args, name) for name in ("max_batch", "max_wait_ms", "workers", "keep_alive",
+                                                       "read_timeout") if getattr(args, name) is not None}
+    options = dict(runtime=args.runtime, precision=args.precision, force_bf16=args.force_bf16)
+    settings = ServeSettings(run_dirs=args.run_dirs, max_upload=round(args.max_upload_mb * 2**20),
+                             open_options=options, **chosen)
+    run_server(args.run_dirs, args.host, args.port, settings=settings)
     return 0
 
 
@@ -623,6 +630,20 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default: 8000)")
     p.add_argument("--max-upload-mb", type=_arg_type("positive_float"), default=8.0, metavar="MIB",
                    help="largest picture upload in MiB (default: 8, a phone photo); JSON bodies stay under 64 KiB")
+    # the defaults live in deploy/serve/server.py's ServeSettings (measured: docs/deploy.md, "A server that batches")
+    p.add_argument("--workers", type=_arg_type("positive_int"), metavar="N",
+                   help="server processes, each with its own copy of the models (default: 1)")
+    p.add_argument("--max-batch", type=_arg_type("positive_int"), metavar="N",
+                   help="most pictures per model call; pictures that arrive while the model is busy join the next "
+                        "call (default: 32; 1 turns batching off)")
+    p.add_argument("--max-wait-ms", type=_arg_type("nonneg_float"), metavar="MS",
+                   help="how long a picture that queued behind a busy model may wait for company; a picture that "
+                        "finds the model idle never waits (default: 2)")
+    p.add_argument("--keep-alive", type=_arg_type("positive_int"), metavar="S",
+                   help="seconds an idle keep-alive connection stays open (default: 5)")
+    p.add_argument("--read-timeout", type=_arg_type("positive_float"), metavar="S",
+                   help="seconds a request's body may take to arrive, else 408 (default: 10)")
+    _add_runtime_flags(p)
     p.set_defaults(func=cmd_serve)
 
 

@@ -43,6 +43,7 @@ MAX_UPLOAD = 8 * 1024 * 1024  # a phone photo is a few MB; the drawing page send
 FORM_OVERHEAD = 64 * 1024  # a multipart body's boundaries, part headers and `model` field around the picture
 PREPARE_CALLS = 2  # pictures decoded and prepared at once, in worker threads: more would only fight over the cores
 MODEL_CALLS = 1  # model calls at once per model (the batcher's workers): one batch uses every core already
+READ_TIMEOUT = 10.0  # seconds for a body to arrive in full: a phone photo over a slow link takes ~1 s
 PICTURE_TYPES = ("image/png", "image/jpeg")
 PAGE_HEADERS = {
     # the page is self-contained: nothing may load from elsewhere
@@ -125,12 +126,21 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, detail)
 
 
+class BodyTimeout(HTTPException):
+    def __init__(self, detail: str) -> None:
+        super().__init__(408, detail)
+
+
 class LimitBody:
     """ASGI middleware: refuse bodies over their limit (a picture's or JSON's, by content type), by
-    Content-Length and by counting what arrives."""
+    Content-Length and by counting what arrives, and bodies that take longer than read_timeout seconds to
+    arrive (408). A slow client holds only its own connection (the reading awaits it on the event loop,
+    no thread waits), and this frees that connection too."""
 
-    def __init__(self, app, picture_limit: int = MAX_UPLOAD, json_limit: int = MAX_JSON) -> None:
+    def __init__(self, app, picture_limit: int = MAX_UPLOAD, json_limit: int = MAX_JSON,
+                 read_timeout: float = READ_TIMEOUT) -> None:
         self.app, self.picture_limit, self.json_limit = app, picture_limit, json_limit
+        self.read_timeout = read_timeout
 
     def limit(self, headers: dict[bytes, bytes]) -> tuple[int, str]:
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
@@ -150,13 +160,20 @@ class LimitBody:
             return await self._refuse(send, 400, "the Content-Length header is not a number")
         if length is not None and int(length) > limit:
             return await self._refuse(send, 413, too_large)
-        received, started = 0, False
+        received, started, complete = 0, False, False
+        deadline = anyio.current_time() + self.read_timeout
 
         async def counting_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what is left to hear is a disconnect, however late
+                return await receive()
+            with anyio.move_on_after(deadline - anyio.current_time()) as waiting:
+                message = await receive()
+            if waiting.cancelled_caught:
+                raise BodyTimeout(f"the body did not arrive within {self.read_timeout:g} s")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > limit:
                     # an HTTPException, so FastAPI's body parsing passes it on rather than making it a 400
                     raise BodyTooLarge(too_large)
@@ -169,10 +186,10 @@ class LimitBody:
 
         try:
             await self.app(scope, counting_receive, watching_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTimeout) as e:
             if started:
                 raise
-            await self._refuse(send, 413, too_large)
+            await self._refuse(send, e.status_code, e.detail)
 
     async def _refuse(self, send, status: int, detail: str) -> None:
         response = JSONResponse({"detail": detail}, status_code=status,
@@ -281,11 +298,11 @@ def _offline_docs(app: FastAPI) -> None:
 
 def create_app(models: dict[str, ServedModel], *, max_upload: int = MAX_UPLOAD, max_batch: int = MAX_BATCH,
                max_wait_ms: float = MAX_WAIT_MS, model_calls: int = MODEL_CALLS,
-               prepare_calls: int = PREPARE_CALLS) -> FastAPI:
+               prepare_calls: int = PREPARE_CALLS, read_timeout: float = READ_TIMEOUT) -> FastAPI:
     """The app serving these models, already loaded and checked (server.load_models; the first is the default).
     Each model's calls go through its own batcher (deploy/batcher.py): up to max_batch pictures a call, a queued
     picture waiting at most max_wait_ms for company, model_calls calls at once; prepare_calls pictures are
-    decoded and prepared at once."""
+    decoded and prepared at once; a body must arrive within read_timeout seconds."""
     if not models:
         raise ValueError("create_app needs at least one model")
     page = resources.files("mnistlab.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -295,7 +312,7 @@ def create_app(models: dict[str, ServedModel], *, max_upload: int = MAX_UPLOAD, 
                 for name, model in models.items()}
     app.state.served = Served(models=dict(models), limiter=anyio.CapacityLimiter(prepare_calls), batchers=batchers,
                               max_upload=max_upload)
-    app.add_middleware(LimitBody, picture_limit=max_upload, json_limit=MAX_JSON)
+    app.add_middleware(LimitBody, picture_limit=max_upload, json_limit=MAX_JSON, read_timeout=read_timeout)
     _offline_docs(app)
     for error, status in ((NotAPicture, 415), (PictureTooLarge, 413), (UnreadableImage, 422)):
         app.add_exception_handler(error, lambda request, e, status=status: JSONResponse({"detail": str(e)}, status))

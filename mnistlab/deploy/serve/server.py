@@ -1,28 +1,56 @@
 """`mnistlab serve`: bind the port, load and check every run, then hand both to uvicorn.
 
     mnistlab serve runs/digits-mlp [more runs...] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 8]
+                   [--workers 1] [--max-batch 32] [--max-wait-ms 2] [--keep-alive 5] [--read-timeout 10]
 
 Everything that can fail for a reason the user can fix (a port in use, a folder that is not a finished
 torch-engine training run, a checkpoint that fails its hash) fails here, as one line, before uvicorn
 starts; "serving at" is printed only once the socket listens.
+
+With --workers N > 1 uvicorn runs N processes that accept on the one bound socket; each loads the models
+itself (app_from_environment, an import-string factory, since a process is started fresh and cannot be
+handed the parent's objects), and the settings reach it through the MNISTLAB_SERVE environment variable.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import json
+import os
 import socket
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn  # here, not in run_server: without the serve extra, importing this module is what fails
 
-from mnistlab.deploy.serve.app import MAX_UPLOAD, create_app
+from mnistlab.deploy.batcher import MAX_BATCH, MAX_WAIT_MS
+from mnistlab.deploy.serve.app import MAX_UPLOAD, READ_TIMEOUT, create_app
 from mnistlab.errors import UserError
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from mnistlab.deploy.predict import Predictor
+
+SETTINGS_VARIABLE = "MNISTLAB_SERVE"  # how a worker process learns what to serve (JSON of ServeSettings)
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default)
+
+
+@dataclass
+class ServeSettings:
+    """What `mnistlab serve` was asked for, beyond the address: every field a flag."""
+
+    run_dirs: list[str]
+    max_upload: int = MAX_UPLOAD  # bytes of a picture
+    max_batch: int = MAX_BATCH  # pictures per model call
+    max_wait_ms: float = MAX_WAIT_MS  # how long a queued picture may wait for company
+    workers: int = 1  # server processes
+    keep_alive: int = KEEP_ALIVE  # seconds
+    read_timeout: float = READ_TIMEOUT  # seconds for a request's body to arrive in full
+    open_options: dict[str, Any] = field(default_factory=dict)  # passed to Predictor.open (runtime, precision)
 
 
 def is_loopback(host: str) -> bool:
@@ -56,7 +84,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_models(run_dirs: list[str]) -> dict[str, Predictor]:
+def load_models(run_dirs: list[str], **open_options: Any) -> dict[str, Predictor]:
     """A Predictor per run folder, named by the folder (-2, -3 for a repeated name); each one's problem is a
     UserError (not a run, a pre-training run, the scratch engine, a damaged checkpoint)."""
     from mnistlab.deploy.predict import Predictor
@@ -68,16 +96,41 @@ def load_models(run_dirs: list[str]) -> dict[str, Predictor]:
         while name in models:  # two runs called the same in different folders
             n += 1
             name = f"{base}-{n}"
-        models[name] = Predictor.open(run_dir)  # a run folder, or an exported model folder
+        models[name] = Predictor.open(run_dir, **open_options)  # a run folder, or an exported model folder
     return models
 
 
-def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None = None) -> None:
+def app_for(settings: ServeSettings, models: dict[str, Predictor] | None = None) -> FastAPI:
+    """The app for these settings (the models loaded here unless given)."""
+    models = models if models is not None else load_models(settings.run_dirs, **settings.open_options)
+    return create_app(models, max_upload=settings.max_upload, max_batch=settings.max_batch,
+                      max_wait_ms=settings.max_wait_ms, read_timeout=settings.read_timeout)
+
+
+def app_from_environment() -> FastAPI:
+    """A worker process's app (uvicorn calls this by its import string): the settings from MNISTLAB_SERVE, the
+    cores shared out between the workers so N processes do not run N times the cores' threads."""
+    import torch
+
+    settings = ServeSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    return app_for(settings)
+
+
+def uvicorn_config(settings: ServeSettings, app: FastAPI | str) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=settings.keep_alive,
+                          workers=settings.workers, factory=isinstance(app, str))
+
+
+def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None = None,
+               settings: ServeSettings | None = None) -> None:
     """Serve the runs with uvicorn until interrupted; warn on stderr when others can reach the server."""
+    settings = settings or ServeSettings(run_dirs=list(run_dirs), max_upload=max_upload or MAX_UPLOAD)
     sock = bind(host, port)  # first: a port in use fails in milliseconds, not after loading every model
     try:
-        app = create_app(load_models(run_dirs), max_upload=max_upload or MAX_UPLOAD)
-        sock.listen(128)  # from here connections queue until uvicorn's loop accepts them
+        models = load_models(settings.run_dirs, **settings.open_options)  # every run checked here, once
+        app = app_for(settings, models) if settings.workers == 1 else None
+        sock.listen(2048)  # from here connections queue until uvicorn's loop accepts them (uvicorn's backlog)
     except BaseException:
         sock.close()
         raise
@@ -85,6 +138,13 @@ def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None
         print(f"mnistlab serve: warning: listening on {host}, reachable from other machines; "
               "the API has no authentication", file=sys.stderr)
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    print(f"mnistlab serve: serving {len(run_dirs)} model(s) at http://{shown}:{sock.getsockname()[1]}/ "
+    print(f"mnistlab serve: serving {len(settings.run_dirs)} model(s) at http://{shown}:{sock.getsockname()[1]}/ "
           "(Ctrl-C stops)", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
+    if app is not None:
+        uvicorn.Server(uvicorn_config(settings, app)).run(sockets=[sock])
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    del models  # each worker loads its own
+    os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings))
+    Multiprocess(uvicorn_config(settings, f"{__name__}:app_from_environment"), sockets=[sock]).run()

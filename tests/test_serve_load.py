@@ -1,0 +1,69 @@
+"""A short load mix against a real `mnistlab serve` process (one worker and two): many connections posting valid
+pictures, malformed and damaged bodies, bodies over the limit, and clients that send a byte a second, while
+/healthz is asked every 0.25 s. No 5xx, every valid picture answered with the class it gets alone, /healthz
+answering throughout, each bad request a 4xx. The mix is bench/serve_load.py's (`--mix 60` is the long run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+from conftest import train_digits  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_load"] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["serve_load"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    return train_digits(tmp_path_factory.mktemp("load"), "--model", "mlp", "--epochs", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_load_mix_gets_no_5xx_every_valid_picture_answered_right_and_healthz_throughout(bench, digits_run, workers):
+    pngs, expected = bench.pictures(str(digits_run), n=24, side=140)
+    port = bench.free_port()
+    command = [sys.executable, "-m", "mnistlab", "serve", str(digits_run), "--port", str(port), "--workers",
+               str(workers), "--max-upload-mb", "0.25", "--read-timeout", "2"]
+    with bench.running(command, port) as server:
+        result = bench.load_mix(port, 6.0, pngs, expected, connections=24, max_upload=2**18, slow_clients=2)
+        assert server.poll() is None
+    kinds = {kind for kind, _ in result.counts}
+    assert kinds == {"valid", "malformed", "damaged", "oversized", "json", "slow"}, result.counts
+    assert result.server_errors == 0, result.counts
+    assert result.counts[("valid", 200)] > 20 and result.wrong == 0 and result.unanswered == 0, result.counts
+    assert result.health_checks >= 10 and result.health_failures == 0
+    for (kind, status), n in result.counts.items():
+        if kind in ("malformed", "damaged", "json"):
+            assert status in (415, 422), (kind, status, n)
+        elif kind == "oversized":
+            assert status == 413, (kind, status, n)
+        elif kind == "slow":  # given up on after --read-timeout: 408, never a hang or a 5xx
+            assert status == 408, (kind, status, n)
+
+
+@pytest.mark.slow
+def test_workers_2_runs_two_server_processes(digits_run, bench):
+    """--workers 2: two worker processes under uvicorn's supervisor, each building the app by its import string."""
+    port = bench.free_port()
+    command = [sys.executable, "-m", "mnistlab", "serve", str(digits_run), "--port", str(port), "--workers", "2"]
+    with bench.running(command, port) as server:
+        children = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in children
+                   if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(workers) == 2, children
