@@ -43,11 +43,14 @@ _LAZY = {"Classifier": "mnistlab.api", "Run": "mnistlab.api", "Prediction": "mni
          "RunRecord": "mnistlab.record"}
 
 
-def load(path: str | Path, *, warn_uncalibrated: bool = True) -> Classifier:
-    """A trained model from a run folder or an exported model folder: `clf = mnistlab.load("runs/RUN")`."""
+def load(path: str | Path, *, runtime: str | None = None, precision: str = "fp32", warn_uncalibrated: bool = True,
+         force_bf16: bool = False) -> Classifier:
+    """A trained model from a run folder or an exported model folder: `clf = mnistlab.load("runs/RUN")`;
+    runtime ("torch", "onnxruntime") and precision ("fp32", "bf16", "int8") choose what computes its logits."""
     from mnistlab.api import load as load_classifier
 
-    return load_classifier(path, warn_uncalibrated=warn_uncalibrated)
+    return load_classifier(path, runtime=runtime, precision=precision, warn_uncalibrated=warn_uncalibrated,
+                           force_bf16=force_bf16)
 
 
 def train(*, quiet: bool = False, **flags: Any) -> Run:

@@ -108,8 +108,6 @@ def quantize_run(run_dir: str | Path, out: str | Path | None = None, *, data_dir
                  offline: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `run_dir`'s model to int8 and write it to `out` (default RUN_DIR/model.int8.onnx) once it passes
     its check; (the path, the check's figures). Loads the run's dataset for its training images."""
-    import onnx
-
     from mnistlab.checkpoint import CHECKPOINT
     from mnistlab.config import TrainConfig
     from mnistlab.data.batches import to_input
@@ -140,6 +138,8 @@ def quantize_run(run_dir: str | Path, out: str | Path | None = None, *, data_dir
                         f"training images: same class for {check['agreement']:.1%}, needs {MIN_AGREEMENT:.0%}; "
                         f"logit error {check['logit_error']:.3f} of the spread, at most {MAX_LOGIT_ERROR}); "
                         "not writing it: serve it in fp32 or bf16")
+    import onnx
+
     proto = onnx.load_from_string(int8)
     props = {p.key: p.value for p in proto.metadata_props}  # the fp32 file's metadata (classes, mean, ...)
     props[SOURCE_KEY] = checkpoint_sha256(run_dir / CHECKPOINT)
