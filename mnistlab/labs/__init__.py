@@ -1,7 +1,8 @@
 """`mnistlab lab TOPIC`: the study notes' principles as programs that check themselves and draw a figure.
 
 Each lab module has TITLE (one line) and `run(out: Path | None) -> list[Check]`: it prints nothing
-itself; the CLI prints its checks (PASS/FAIL with the numbers) and exits 1 if any failed.
+itself; the CLI prints its checks (PASS/FAIL with the numbers) and exits 1 if any failed. A lab that
+also writes sounds (cocktail-party) has `sound_folder(out) -> Path`, and the CLI prints that folder.
 """
 
 from __future__ import annotations
