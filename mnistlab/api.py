@@ -41,6 +41,8 @@ class Classifier:
         clf.predict("seven.png").label          # '7'
         clf.predict([pil_image, array], top=3)  # a list in, a list out
         clf.logits(images_u8)                   # (N, K) for prepared (N, 28, 28) uint8 images
+        with clf.batched() as b:                # many threads or asyncio tasks at once: one model call per batch
+            b.predict("seven.png")              # (await b.apredict(...) from asyncio)
 
     classes: the class names; model: the torch module (eval mode); config: the training configuration (dict);
     temperature and threshold: the calibration (threshold None: no answer is called unsure); runtime: what computes
