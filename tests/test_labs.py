@@ -21,7 +21,7 @@ SLOW_LABS = {
     "phase": "2-D FFTs of several images and a figure of many panels: about 2 s",
     "backprop": "trains a small network by hand and checks it against torch: about 2 s",
     "cocktail-party": "FastICA several times, complex ICA in 129 STFT bins, Griffin-Lim, 22 WAV files: about 4 s",
-    "gradient-descent": "a range test and a 315-step run of the MLP on digits, and six panels: seconds",
+    "gradient-descent": "an LR range test and 315 steps of the MLP on digits, six panels: about 8 s (half imports)",
 }  # linear-map (about 1 s) is the quick loop's one whole lab
 
 
