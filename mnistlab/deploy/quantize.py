@@ -42,11 +42,13 @@ from mnistlab.errors import UserError
 
 CALIBRATION_IMAGES = 512  # min-max ranges settle within a few hundred images; more only costs time
 CHECK_IMAGES = 1000  # held-out training images the int8 model is checked on
-# 99% agreement: at most 10 of 1,000 images change class. The fashion models measured 99.6-100% (the issue's
-# goal is an accuracy change <= 0.2 points on the test split), so this refuses a broken quantization, not an
-# unlucky sample. 0.25 of the logits' spread: the models measured 0.02-0.1 (docs/deploy.md); a graph whose
-# scales went wrong (a saturated activation) is off by several spreads.
-MIN_AGREEMENT = 0.99
+# 98% agreement: at most 20 of the 1,000 images change class. The Fashion-MNIST models of bench/quantize.py
+# measured 98.8-100% (1-epoch models, with many images near a tie) while their test accuracy moved by 0.14
+# points or less; a model whose true rate of changed classes is 1% fails this on 0.3% of samples
+# (binomial, 1,000 images), one at 3% almost always, and a broken quantization (a saturated activation range)
+# changes far more. 0.25 of the logits' spread: the same models measured 0.01-0.13; wrong scales are off by
+# whole spreads. The accuracy change itself is measured on the test split by bench/quantize.py, not here.
+MIN_AGREEMENT = 0.98
 MAX_LOGIT_ERROR = 0.25
 SEED = 0
 
@@ -84,6 +86,8 @@ def quantize_bytes(fp32: bytes, calibration: np.ndarray, batch: int = 64) -> byt
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from mnistlab.deploy.export import _quiet
+
     class Images(CalibrationDataReader):
         def __init__(self, name: str) -> None:
             self.batches = iter([{name: calibration[i : i + batch]} for i in range(0, len(calibration), batch)])
@@ -98,9 +102,10 @@ def quantize_bytes(fp32: bytes, calibration: np.ndarray, batch: int = 64) -> byt
         # tensor's shape, and a folded graph has fewer tensors to calibrate
         quant_pre_process(str(source), str(ready))
         name = OnnxRuntime(ready, 0.0, 1.0).input_name
-        quantize_static(str(ready), str(out), Images(name), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        with _quiet(""):  # the root logger: quantize_static warns there about each layer norm it leaves in fp32
+            quantize_static(str(ready), str(out), Images(name), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
         return out.read_bytes()
 
 
