@@ -219,7 +219,9 @@ def in_process(args: argparse.Namespace) -> None:
     from mnistlab.deploy.batcher import Ask, prediction_batcher
     from mnistlab.deploy.predict import Predictor
     from mnistlab.deploy.serve.inference import Picture, model_view
+    from mnistlab.deploy.serve.server import one_blas_thread
 
+    one_blas_thread()  # as the server does
     pngs, _ = pictures(args.run_dir, n=64)
     options = dict(runtime=args.runtime) if args.runtime else {}
     predictor = Predictor.open(args.run_dir, warn_uncalibrated=False, **options)

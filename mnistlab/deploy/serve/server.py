@@ -100,6 +100,16 @@ def load_models(run_dirs: list[str], **open_options: Any) -> dict[str, Predictor
     return models
 
 
+def one_blas_thread() -> None:
+    """numpy's BLAS (OpenBLAS) on one thread in this process. The preprocessing's least-squares fits of the paper's
+    surface are 6-column problems that more threads cannot speed up; with two they wake threads that fight the
+    request threads for the cores: 7.9 -> 4.0 ms of CPU per 280x280 picture on the 2-core Xeon of
+    docs/deploy.md. Torch's own threads (OpenMP) are not BLAS's and keep their number."""
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    threadpool_limits(1, user_api="blas")
+
+
 def app_for(settings: ServeSettings, models: dict[str, Predictor] | None = None) -> FastAPI:
     """The app for these settings (the models loaded here unless given)."""
     models = models if models is not None else load_models(settings.run_dirs, **settings.open_options)
@@ -114,6 +124,7 @@ def app_from_environment() -> FastAPI:
 
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    one_blas_thread()
     return app_for(settings)
 
 
@@ -128,6 +139,7 @@ def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None
     settings = settings or ServeSettings(run_dirs=list(run_dirs), max_upload=max_upload or MAX_UPLOAD)
     sock = bind(host, port)  # first: a port in use fails in milliseconds, not after loading every model
     try:
+        one_blas_thread()
         models = load_models(settings.run_dirs, **settings.open_options)  # every run checked here, once
         app = app_for(settings, models) if settings.workers == 1 else None
         sock.listen(2048)  # from here connections queue until uvicorn's loop accepts them (uvicorn's backlog)
