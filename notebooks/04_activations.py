@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as TF
 
 from mnistlab.labs.activations import value_and_derivative
+from mnistlab.models.registry import create_model
 
 # %% [markdown]
 # ## XOR: four points no straight line separates
@@ -162,6 +163,9 @@ err_tanh = (TF.gelu(t, approximate="tanh") - TF.gelu(t)).abs().max().item()
 print(f"max |x Phi(x) - torch gelu| = {err_exact:.1e}; tanh approximation vs exact: {err_tanh:.1e}")
 assert err_exact < 1e-12, err_exact
 assert err_tanh < 1e-3, err_tanh
+vit_gelus = sum(isinstance(m, torch.nn.GELU) for m in create_model("vit").modules())
+print(f"the zoo's vit has a GELU in each of its {vit_gelus} Transformer blocks' MLPs")
+assert vit_gelus > 0, "the Transformer of chapter 8 uses GELU"
 
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.4))
 for name, (value, slope) in curves.items():
