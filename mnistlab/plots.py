@@ -1,4 +1,4 @@
-"""Pictures from arrays. Matplotlib only, with the non-interactive Agg backend."""
+"""Pictures from arrays. Matplotlib only, with the non-interactive Agg backend (inline in a notebook)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from mnistlab.files import atomic_write_bytes
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend, imported on first use (importing mnistlab stays cheap)."""
+    """matplotlib.pyplot, imported on first use (importing mnistlab stays cheap): on the Agg backend (files, no
+    window), except inside a Jupyter kernel, whose inline backend must stay so that the notebook shows figures."""
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
