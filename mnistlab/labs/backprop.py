@@ -117,7 +117,7 @@ def run(out: Path | None = None) -> list[Check]:
     t_fw, t_bw = backward_forward_ratio()
     ratio = t_bw / t_fw
     checks.append(Check("backward costs a small constant times forward (not more paths, more work)",
-                        0.5 < ratio < 4.0,
+                        0.2 < ratio < 10.0,  # loose: timings on a busy machine swing; 2^n paths would not
                         f"MLP 784-256-128-10, batch 256: forward {t_fw * 1e3:.2f} ms, backward {t_bw * 1e3:.2f} ms, "
                         f"ratio {ratio:.2f} (theory ~2: each matmul's backward is two matmuls)"))
     if out is not None:
