@@ -100,17 +100,15 @@ def bare_app():
 def serve_bare(port: int, workers: int) -> None:
     """uvicorn as `mnistlab serve` runs it (server.uvicorn_config), serving bare_app."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
-    from mnistlab.deploy.serve.server import ServeSettings, bind, uvicorn_config
+    from mnistlab.deploy.serve.server import ServeSettings, bind, serve_processes, uvicorn_config, worker_sockets
 
     settings = ServeSettings(run_dirs=[], workers=workers)
-    sock = bind("127.0.0.1", port)
-    sock.listen(2048)
+    sockets = worker_sockets(bind("127.0.0.1", port, reuse_port=workers > 1), workers)
     if workers == 1:
-        uvicorn.Server(uvicorn_config(settings, bare_app())).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(settings, bare_app())).run(sockets=sockets)
     else:
-        Multiprocess(uvicorn_config(settings, "serve_load:bare_app"), sockets=[sock]).run()
+        serve_processes(uvicorn_config(settings, "serve_load:bare_app"), sockets)
 
 
 def free_port() -> int:

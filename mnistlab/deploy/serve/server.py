@@ -63,8 +63,9 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname other than localhost: assume it is reachable
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (not yet listening), or a UserError saying why it cannot be."""
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening), or a UserError saying why it cannot be; reuse_port:
+    others may bind the same port too (SO_REUSEPORT, one socket per worker process)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -73,6 +74,8 @@ def bind(host: str, port: int) -> socket.socket:
             from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
     except OSError as e:
@@ -133,18 +136,56 @@ def uvicorn_config(settings: ServeSettings, app: FastAPI | str) -> uvicorn.Confi
                           workers=settings.workers, factory=isinstance(app, str))
 
 
+def worker_sockets(first: socket.socket, workers: int) -> list[socket.socket]:
+    """`first` (bound with reuse_port) and workers - 1 more sockets on its address, all listening."""
+    host, port = first.getsockname()[:2]
+    sockets = [first] + [bind(host, port, reuse_port=True) for _ in range(workers - 1)]
+    for sock in sockets:
+        sock.listen(2048)
+    return sockets
+
+
+def serve_processes(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+    """uvicorn's supervisor running one worker process per socket, each socket its own worker's (all on one port,
+    SO_REUSEPORT: the kernel shares new connections out among them). On one shared socket the first worker to
+    wake accepts a whole burst of new connections (asyncio accepts up to the backlog at once): wrk's 32
+    connections could all land on one of two workers, which measured half the throughput."""
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+    class OneSocketEach(Multiprocess):
+        def init_processes(self) -> None:
+            for sock in sockets:
+                self.processes.append(Process(self.config, [sock]))
+                self.processes[-1].start()
+
+        def keep_subprocess_alive(self) -> None:  # uvicorn's, restarting a dead worker on its own socket
+            for i, process in enumerate(self.processes):
+                if self.should_exit.is_set() or process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                    continue
+                process.kill()
+                process.join()
+                self.processes[i] = Process(self.config, [sockets[i]])
+                self.processes[i].start()
+
+    OneSocketEach(config, sockets=sockets).run()
+
+
 def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None = None,
                settings: ServeSettings | None = None) -> None:
     """Serve the runs with uvicorn until interrupted; warn on stderr when others can reach the server."""
     settings = settings or ServeSettings(run_dirs=list(run_dirs), max_upload=max_upload or MAX_UPLOAD)
-    sock = bind(host, port)  # first: a port in use fails in milliseconds, not after loading every model
+    # first: a port in use fails in milliseconds, not after loading every model
+    sock = bind(host, port, reuse_port=settings.workers > 1)
+    sockets = [sock]
     try:
         one_blas_thread()
         models = load_models(settings.run_dirs, **settings.open_options)  # every run checked here, once
         app = app_for(settings, models) if settings.workers == 1 else None
-        sock.listen(2048)  # from here connections queue until uvicorn's loop accepts them (uvicorn's backlog)
+        # from here connections queue until uvicorn's loop accepts them (2048: uvicorn's backlog)
+        sockets = worker_sockets(sock, settings.workers)
     except BaseException:
-        sock.close()
+        for s in sockets:
+            s.close()
         raise
     if not is_loopback(host):
         print(f"mnistlab serve: warning: listening on {host}, reachable from other machines; "
@@ -155,8 +196,6 @@ def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None
     if app is not None:
         uvicorn.Server(uvicorn_config(settings, app)).run(sockets=[sock])
         return
-    from uvicorn.supervisors import Multiprocess
-
     del models  # each worker loads its own
     os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings))
-    Multiprocess(uvicorn_config(settings, f"{__name__}:app_from_environment"), sockets=[sock]).run()
+    serve_processes(uvicorn_config(settings, f"{__name__}:app_from_environment"), sockets)
