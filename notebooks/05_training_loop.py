@@ -248,8 +248,35 @@ assert lrs[-1] < cfg["lr"] / 50, "and falls to under 2% of the peak by the last 
 # dropout, no augmentation). For a model that does, the engine reseeds before every step with
 # `torch.manual_seed(step_seed(seed, step))` (mnistlab/loop.py), so a step's dropout masks are a
 # function of `(seed, step)`; a loop reproducing such a run would need that line too. The default
-# CNN would also need its memory layout (`channels_last`, a faster layout for convolutions on CPU
-# that changes the order of the sums) and its label smoothing: more lines, same idea.
+# CNN would also need its memory layout (`channels_last`, a faster layout for convolutions on CPU,
+# under which the kernels may add in another order) and its label smoothing: more lines, same idea.
+#
+# Three of these details, checked on their own: the registry's `mlp` and the loop's layers start
+# from the same weights; one random number drawn between the seed and the layers changes them all;
+# the textbook normalisation gives other float32 values.
+
+# %%
+from mnistlab.models import create_model  # noqa: E402  (only to compare: the loop above does not use it)
+
+
+def first_weights(extra_draw: bool) -> torch.Tensor:
+    torch.manual_seed(cfg["seed"])
+    if extra_draw:
+        torch.rand(1)  # one random number drawn before the layers
+    return nn.Linear(784, 256).weight
+
+
+torch.manual_seed(cfg["seed"])
+registry_mlp = create_model("mlp", num_classes=10)
+assert torch.equal(registry_mlp.body[1].weight, first_weights(False)), "registry mlp and loop: same start"
+assert not torch.equal(first_weights(True), first_weights(False)), "one draw in between: another start"
+u8 = ds.train_images[:64]  # (B, 28, 28)
+engine_way = (u8.unsqueeze(1).float() - 255.0 * ds.mean) * (1.0 / (255.0 * ds.std))
+textbook_way = (u8.unsqueeze(1).float() / 255.0 - ds.mean) / ds.std
+differ = (engine_way != textbook_way).float().mean().item()
+print(f"normalisation: {differ:.1%} of the pixel values differ in their last bits, "
+      f"by at most {(engine_way - textbook_way).abs().max().item():.1e}")
+assert 0 < differ and torch.allclose(engine_way, textbook_way, atol=1e-5), "same mathematics, other rounding"
 
 # %%
 foreach_model, foreach_epochs, foreach = train_plain(ds, seed=cfg["seed"], epochs=cfg["epochs"],
@@ -264,8 +291,9 @@ assert 0 < max(gaps) < 1e-4, f"without the fused kernel the weights differ, slig
 
 # %% [markdown]
 # Without the fused kernel the largest weight differs by about one part in ten million (printed
-# above): the same training, not the same bits. The accuracy printed above may agree or not by a digit or two; with
-# exactly the same computation there is no "may".
+# above): the same training, not the same bits. Here the test accuracy happens to agree; with
+# other seeds or more steps such differences can move a prediction or two. With exactly the same
+# computation there is no "can".
 #
 # ## Where next
 #
