@@ -1,4 +1,4 @@
-"""Every relative link and image in README.md and docs/**/*.md points at a file the repository holds.
+"""Every relative link and image in README.md, docs/**/*.md and notebooks/README.md points at a file the repo holds.
 
 "Holds" means tracked by git or about to be (untracked and not ignored): a figure that exists only
 on the machine that drew it, because .gitignore drops it, is a broken image for everyone else.
@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md")), ROOT / "notebooks" / "README.md"]
 
 FENCED_CODE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1", re.M | re.S)
 CODE_SPAN = re.compile(r"(`+).+?\1", re.S)
