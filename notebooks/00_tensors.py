@@ -102,8 +102,6 @@ fig = class_rows_figure(rows, [f"class {k}" for k in range(10)], per_class=8,
 fig.tight_layout()
 display(fig)  # noqa: F821 (the notebook's display)
 plt.close(fig)
-# mnistlab.plots draws for files (matplotlib's Agg backend): back to drawing in the page
-# %matplotlib inline
 
 # %% [markdown]
 # ## Dot product against cosine similarity

@@ -9,7 +9,8 @@
 # This chapter writes the RNN's step by hand and checks it against PyTorch, then makes the
 # **vanishing gradient** visible: how much of the loss's gradient reaches each time step. For a plain
 # RNN at the start of training it shrinks by about half at every step back in time; the LSTM's
-# additive memory lets more of it through. The measurement is mnistlab's own (`mnistlab train --grad-flow`, mnistlab/gradflow.py).
+# additive memory lets more of it through. The measurement is mnistlab's own (`mnistlab train
+# --grad-flow`, mnistlab/gradflow.py).
 
 # %%
 import math

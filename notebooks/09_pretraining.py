@@ -39,7 +39,6 @@ torch.manual_seed(0)
 torch.set_num_threads(1)  # small batches: a second thread only waits for the first
 ds = load_dataset("digits")
 x = to_input(ds.val_images[:8], ds.mean, ds.std)  # (8, 1, 28, 28): validation digits, normalised
-inline = plt.get_backend()  # the notebook's own backend, that shows figures in the page
 work = Path(tempfile.mkdtemp())  # run folders go here, never into the repository
 
 # %% [markdown]
@@ -113,7 +112,6 @@ cfg = PretrainConfig.from_dict(dict(dataset="digits", epochs=8, batch_size=64, s
 log = io.StringIO()
 with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(log):  # notes name the temporary folder
     pre = pretrain(cfg, progress=False)
-plt.switch_backend(inline)  # pretrain drew its figures on matplotlib's file-only backend (Agg); draw here again
 print("\n".join(line for line in log.getvalue().splitlines() if line.startswith("epoch")))
 losses = [json.loads(line)["val_loss"] for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
 print(f"validation reconstruction loss: {pre['first_val_loss']:.3f} after epoch 1 -> {pre['val_loss']:.3f} "
