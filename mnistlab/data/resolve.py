@@ -182,15 +182,23 @@ def find_present(spec: DatasetSpec) -> tuple[str, Path] | None:
     return None
 
 
+def first_with_files(spec: DatasetSpec) -> tuple[str, Path] | None:
+    """The first searched folder holding any of the four files (unverified): the one `locate` takes."""
+    for label, folder in candidate_dirs(spec):
+        if any((folder / n).is_file() for s in IDX_STEMS for n in (s, f"{s}.gz")):
+            return label, folder
+    return None
+
+
 def locate(spec: DatasetSpec, *, offline: bool = False) -> tuple[str, Path]:
     """Find `spec` on disk or download it; return (label of where it was found, folder).
 
     A cache folder whose files fail verification is fetched again (a half-written or corrupted
     file); a bad file in a folder the user or the system owns is reported, never overwritten.
     """
-    for label, folder in candidate_dirs(spec):
-        if not any((folder / n).is_file() for s in IDX_STEMS for n in (s, f"{s}.gz")):
-            continue
+    present = first_with_files(spec)
+    if present is not None:
+        label, folder = present
         bad = [c for c in verify_folder(folder, spec) if not c.ok]
         if not bad:
             return label, folder
