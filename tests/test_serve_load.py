@@ -67,3 +67,47 @@ def test_workers_2_runs_two_server_processes(digits_run, bench):
         workers = [pid for pid in children
                    if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
         assert len(workers) == 2, children
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed():
+    import anyio
+
+    from mnistlab.deploy.serve.app import LimitBody
+
+    async def app(scope, receive, send):  # reads the whole body, as the predict route does
+        while (await receive()).get("more_body"):
+            pass
+        raise AssertionError("the body never completes")
+
+    async def trickle():  # one byte, then nothing more
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b"\x89", "more_body": True}
+        await anyio.sleep(60)
+
+    sent, answer = [], []
+
+    async def send(message):
+        answer.append(message)
+
+    scope = {"type": "http", "headers": [(b"content-type", b"image/png")]}
+    anyio.run(lambda: LimitBody(app, read_timeout=0.05)(scope, trickle, send))
+    assert answer[0]["status"] == 408 and (b"connection", b"close") in answer[0]["headers"]
+
+
+def test_the_serve_help_states_the_settings_defaults(capsys):
+    """The flags default to None and ServeSettings fills them in: the help's "(default: N)" must say the same."""
+    import re
+
+    from mnistlab.cli import main
+    from mnistlab.deploy.serve.server import ServeSettings
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    defaults = ServeSettings(run_dirs=[])
+    for flag, value in [("--workers", defaults.workers), ("--max-batch", defaults.max_batch),
+                        ("--max-wait-ms", defaults.max_wait_ms), ("--keep-alive", defaults.keep_alive),
+                        ("--read-timeout", defaults.read_timeout)]:
+        said = re.search(re.escape(flag) + r" \S+ .*?\(default: ([0-9.]+)", text)
+        assert said and float(said.group(1)) == value, (flag, value)
