@@ -26,6 +26,7 @@ ink is then whichever way the picture departs furthest from its background: dark
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,9 @@ BACKGROUND_GRID = 64
 BACKGROUND_BAND = 0.12
 MIN_SURFACE_SIDE = 32
 MIN_ROOM = 0.2  # the least contrast (paper to black, or to white) ink is measured against
+# The ink's side is decided from the grid's surface values (fast) unless a comparison lies this close to its
+# threshold; those values are within 1e-4 of the exact area means
+DECIDED = 0.005
 
 
 class UnreadableImage(ValueError):
@@ -94,20 +98,58 @@ def ink_from_image(im: Image.Image) -> tuple[np.ndarray, bool]:
 def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     """(ink, inverted) of a grey picture (H, W) in [0, 1]: the ink is the side (darker or lighter) that departs
     furthest from the background surface, as a share of the way from the paper to black (or white)."""
-    background = _background(grey)
-    residual = grey - background
-    small = _resize((residual + 1) / 2, *_grid_shape(residual.shape)) * 2 - 1  # area means: a lone speck is not ink
-    darker, lighter = -float(small.min()), float(small.max())
-    if abs(darker - lighter) < BLANK_INK / 2:  # nothing stands out either way: the border's level decides
-        inverted = _border_level(grey) > 0.5
-    else:
-        inverted = darker > lighter
+    grey = np.asarray(grey, dtype=np.float32)
+    fit = _fit_background(grey)
+    background = _surface(fit[0], *grey.shape) if fit else np.full_like(grey, _border_level(grey))
+    inverted = _polarity(grey, background, fit)
     # how far each pixel goes from the paper towards full ink, as a share of the room there is: where less
     # light falls the strokes are darker by less (the paper's reflectance times the light), and a stroke
-    # must read the same across the sheet (floored: a near-black paper's noise is not ink)
-    room = np.maximum(background if inverted else 1.0 - background, MIN_ROOM)
-    ink = np.clip((-residual if inverted else residual) / room, 0.0, 1.0)
-    return ink.astype(np.float32), inverted
+    # must read the same across the sheet (floored: a near-black paper's noise is not ink). In place: at a
+    # photo's size each full-resolution copy costs more than the arithmetic.
+    if inverted:
+        ink = background - grey
+        room = np.maximum(background, MIN_ROOM, out=background)
+    else:
+        ink = grey - background
+        room = np.maximum(np.subtract(1.0, background, out=background), MIN_ROOM, out=background)
+    np.divide(ink, room, out=ink)
+    return np.clip(ink, 0.0, 1.0, out=ink), inverted
+
+
+def _polarity(grey: np.ndarray, background: np.ndarray, fit: tuple[np.ndarray, np.ndarray] | None) -> bool:
+    """Whether the ink is darker than the paper: the side whose area means of grey - background (on the
+    background's grid: a lone speck is not ink) depart furthest from it; when neither stands out, the border's
+    level decides."""
+    darker = lighter = None
+    if fit is not None:
+        # The area means of the residual (clipped to [-1, 1]) are the grid's grey less the surface's means
+        # there, which are its values at the grid's pixel centres up to (cell width)^2 / 12 of the curvature
+        # (under 1e-4), and the clip moves them by at most as far as the surface leaves [0, 1]. Decided from
+        # these unless a comparison below lies within DECIDED of its threshold.
+        excess = max(float(background.max()) - 1.0, -float(background.min()), 0.0)
+        coef, small_grey = fit
+        if excess < DECIDED / 4:
+            small = small_grey - (_design(*small_grey.shape) @ coef).reshape(small_grey.shape)
+            darker, lighter = -float(small.min()), float(small.max())
+            gap = abs(darker - lighter)
+            if abs(gap - BLANK_INK / 2) < DECIDED or gap < DECIDED:
+                darker = lighter = None
+    if darker is None:  # the exact way: the clipped residual's area means
+        small = _area_mean(np.clip(grey - background, -1.0, 1.0), *_grid_shape(grey.shape))
+        darker, lighter = -float(small.min()), float(small.max())
+    if abs(darker - lighter) < BLANK_INK / 2:  # nothing stands out either way: the border's level decides
+        return _border_level(grey) > 0.5
+    return darker > lighter
+
+
+def _median(a: np.ndarray) -> float:
+    """np.median of a 1-D array, by one partition (np.median's checks cost more than the work at this size)."""
+    n = a.size
+    k = n // 2
+    if n % 2:
+        return float(np.partition(a, k)[k])
+    part = np.partition(a, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2)
 
 
 def _grid_shape(shape: tuple[int, int]) -> tuple[int, int]:
@@ -117,53 +159,96 @@ def _grid_shape(shape: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def _background(grey: np.ndarray) -> np.ndarray:
-    """The paper's level at every pixel (H, W): a quadratic surface a + bx + cy + dx^2 + exy + fy^2 fitted
-    to the outer band by least squares, refitted on the pixels within 3 robust sigmas of the last fit
-    (strokes that reach the band are outliers); a small picture gets its border's median."""
-    h, w = grey.shape
-    if min(h, w) < MIN_SURFACE_SIDE:
-        return np.full_like(grey, _border_level(grey))
-    gh, gw = _grid_shape(grey.shape)
-    small = _resize(grey, gh, gw)
+@cache
+def _design(gh: int, gw: int) -> np.ndarray:
+    """The quadratic's six terms (1, x, y, x^2, xy, y^2) at every pixel centre of a gh x gw grid, (gh * gw, 6)
+    float64, row-major; x and y in [-1, 1], so the grid's and the full picture's surfaces agree. Read-only."""
+    y, x = [((np.arange(n) + 0.5) / n * 2 - 1) for n in (gh, gw)]
+    y, x = np.repeat(y, gw), np.tile(x, gh)
+    design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+    design.flags.writeable = False
+    return design
+
+
+@cache
+def _band(gh: int, gw: int) -> np.ndarray:
+    """The flat indices (row-major) of a gh x gw grid's outer band. Read-only."""
     band = max(2, round(BACKGROUND_BAND * min(gh, gw)))
     in_band = np.ones((gh, gw), dtype=bool)
     in_band[band:-band, band:-band] = False
-    # coordinates in [-1, 1] of pixel centres, so the grid's and the full picture's surfaces agree
-    ys, xs = np.nonzero(in_band)
-    y, x = (ys + 0.5) / gh * 2 - 1, (xs + 0.5) / gw * 2 - 1
-    design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
-    values = small[ys, xs]
+    index = np.flatnonzero(in_band)
+    index.flags.writeable = False
+    return index
+
+
+def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the six coefficients of a quadratic surface a + bx + cy + dx^2 + exy + fy^2, the picture's area means
+    on the grid it was fitted on (gh, gw)): fitted to the grid's outer band by least squares, refitted on the
+    pixels within 3 robust sigmas of the last fit (strokes that reach the band are outliers); None for a
+    picture too small for a surface."""
+    h, w = grey.shape
+    if min(h, w) < MIN_SURFACE_SIDE:
+        return None
+    gh, gw = _grid_shape(grey.shape)
+    small = _area_mean(grey, gh, gw)  # (gh, gw)
+    index = _band(gh, gw)
+    design = _design(gh, gw)[index]  # (n, 6)
+    values = small.ravel()[index].astype(np.float64)  # (n,)
     # start from the band's median, not from a least-squares fit that a large item reaching the band would
     # drag towards itself: the paper is the band's majority, the item's pixels lie far from it
-    spread0 = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-    keep = np.abs(values - np.median(values)) <= max(3 * spread0, 0.02)
+    deviation = np.abs(values - _median(values))
+    keep = deviation <= max(3 * 1.4826 * _median(deviation), 0.02)
+    coef = np.zeros(6)
     for _ in range(5):
-        coef = np.linalg.lstsq(design[keep], values[keep], rcond=None)[0]
+        # six unknowns: the normal equations (6x6) are exact enough here and a fraction of lstsq's cost
+        kept = design[keep]
+        coef = np.linalg.solve(kept.T @ kept, kept.T @ values[keep])
         residual = values - design @ coef
-        spread = 1.4826 * float(np.median(np.abs(residual[keep])))  # MAD: the noise's sigma, unmoved by ink
+        spread = 1.4826 * _median(np.abs(residual[keep]))  # MAD: the noise's sigma, unmoved by ink
         inliers = np.abs(residual) <= max(3 * spread, 0.02)
         if inliers.sum() < 2 * design.shape[1]:
             break  # too few left to fit six numbers: keep the last surface
+        if np.array_equal(inliers, keep):
+            break  # converged: the next fit would be this one again
         keep = inliers
-    yy = ((np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1)[:, None]  # (H, 1)
-    xx = ((np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1)[None, :]  # (1, W)
-    a, b, c, d, e, f = coef.astype(np.float32)
-    return a + b * xx + c * yy + d * xx * xx + e * xx * yy + f * yy * yy
+    return coef, small
+
+
+def _surface(coef: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The quadratic evaluated at every pixel centre (H, W) float32, as one rank-3 product: a + bx + dx^2 + cy +
+    fy^2 + exy = [1, y, c y + f y^2] . [a + b x + d x^2, e x, 1] (one pass over the image, not six)."""
+    a, b, c, d, e, f = coef
+    y = (np.arange(h, dtype=np.float64) + 0.5) / h * 2 - 1
+    x = (np.arange(w, dtype=np.float64) + 0.5) / w * 2 - 1
+    rows = np.stack([np.ones_like(y), y, c * y + f * y * y], axis=1).astype(np.float32)  # (H, 3)
+    cols = np.stack([a + b * x + d * x * x, e * x, np.ones_like(x)]).astype(np.float32)  # (3, W)
+    return rows @ cols
+
+
+def _background(grey: np.ndarray) -> np.ndarray:
+    """The paper's level at every pixel (H, W): the quadratic surface of _fit_background, or for a small
+    picture its border's median."""
+    fit = _fit_background(grey)
+    return _surface(fit[0], *grey.shape) if fit else np.full_like(grey, _border_level(grey))
 
 
 def _resize(ink: np.ndarray, height: int, width: int) -> np.ndarray:
     """Area-averaging resample (PIL's BOX filter when shrinking): each output pixel is the mean of the
-    input pixels it covers, which is how MNIST's anti-aliased grey levels arise."""
+    input pixels it covers, which is how MNIST's anti-aliased grey levels arise. Clipped to [0, 1] first."""
+    return _area_mean(np.clip(ink, 0.0, 1.0), height, width)
+
+
+def _area_mean(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """_resize of values already in range: no clipping and no copy of the input beyond float32."""
     from PIL import Image
 
-    img = Image.fromarray(np.clip(ink * 255.0, 0, 255).astype(np.float32), mode="F")
-    return np.asarray(img.resize((width, height), resample=Image.Resampling.BOX), dtype=np.float32) / 255.0
+    img = Image.fromarray(np.asarray(a, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((width, height), resample=Image.Resampling.BOX), dtype=np.float32)
 
 
 def _border_level(a: np.ndarray) -> float:
     """The median of the picture's outermost pixels: its background, in any sensible photo or drawing."""
-    return float(np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])))
+    return _median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]))
 
 
 def _ink_box(ink: np.ndarray) -> tuple[tuple[int, int, int, int], float] | None:
@@ -173,11 +258,15 @@ def _ink_box(ink: np.ndarray) -> tuple[tuple[int, int, int, int], float] | None:
     peak = float(ink.max())
     if peak - background < BLANK_INK:
         return None
-    if (ink > background + 0.5 * (peak - background)).sum() < MIN_INK_PIXELS:
-        return None  # a speck, not a drawing
     mask = ink > background + BOX_LEVEL * (peak - background)  # holds the pixels above half, so never empty
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1), background
+    rows = np.flatnonzero(mask.any(1))
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(mask[top:bottom].any(0))
+    left, right = int(cols[0]), int(cols[-1]) + 1
+    # the pixels above half way are above the box's level too, so all inside the box: counted there alone
+    if (ink[top:bottom, left:right] > background + 0.5 * (peak - background)).sum() < MIN_INK_PIXELS:
+        return None  # a speck, not a drawing
+    return (top, bottom, left, right), background
 
 
 def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
@@ -186,13 +275,14 @@ def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
     if found is None:
         return np.zeros((28, 28), dtype=np.uint8), True
     (top, bottom, left, right), background = found
-    crop = np.clip(ink[top:bottom, left:right] - background, 0, None)
-    crop = crop / max(float(crop.max()), 1e-6)  # full-scale ink, as the datasets' strokes are
+    crop = np.maximum(ink[top:bottom, left:right] - background, 0.0)  # (h, w), the paper at 0
     h, w = crop.shape
     side = 28 if convention == "fashion" else 20
     scale = side / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = _resize(crop, nh, nw)
+    # full-scale ink, as the datasets' strokes are: the peak at 1 (scaled after the area means, which are
+    # linear, so on nh x nw pixels rather than the crop's)
+    small = _area_mean(crop, nh, nw) / max(float(crop.max()), 1e-6)
     field = np.zeros((28, 28), dtype=np.float32)
     if convention == "mnist":
         # paste so that the centre of mass lands at the field's centre (13.5, 13.5), by whole pixels
