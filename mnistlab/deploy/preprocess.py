@@ -171,14 +171,19 @@ def _design(gh: int, gw: int) -> np.ndarray:
 
 
 @cache
-def _band(gh: int, gw: int) -> np.ndarray:
-    """The flat indices (row-major) of a gh x gw grid's outer band. Read-only."""
+def _band(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A gh x gw grid's outer band: its flat indices (n,) row-major, the quadratic's terms there (n, 6) and each
+    pixel's products of terms (n, 36), so that the normal equations of any subset are two matrix-vector
+    products. Read-only."""
     band = max(2, round(BACKGROUND_BAND * min(gh, gw)))
     in_band = np.ones((gh, gw), dtype=bool)
     in_band[band:-band, band:-band] = False
     index = np.flatnonzero(in_band)
-    index.flags.writeable = False
-    return index
+    design = _design(gh, gw)[index]
+    products = (design[:, :, None] * design[:, None, :]).reshape(len(index), 36)
+    for a in (index, design, products):
+        a.flags.writeable = False
+    return index, design, products
 
 
 def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -191,8 +196,7 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     gh, gw = _grid_shape(grey.shape)
     small = _area_mean(grey, gh, gw)  # (gh, gw)
-    index = _band(gh, gw)
-    design = _design(gh, gw)[index]  # (n, 6)
+    index, design, products = _band(gh, gw)  # (n,), (n, 6), (n, 36)
     values = small.ravel()[index].astype(np.float64)  # (n,)
     # start from the band's median, not from a least-squares fit that a large item reaching the band would
     # drag towards itself: the paper is the band's majority, the item's pixels lie far from it
@@ -200,9 +204,10 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     keep = deviation <= max(3 * 1.4826 * _median(deviation), 0.02)
     coef = np.zeros(6)
     for _ in range(5):
-        # six unknowns: the normal equations (6x6) are exact enough here and a fraction of lstsq's cost
-        kept = design[keep]
-        coef = np.linalg.solve(kept.T @ kept, kept.T @ values[keep])
+        # six unknowns: the normal equations (6x6) of the kept pixels are exact enough here and a fraction
+        # of lstsq's cost
+        weight = keep.astype(np.float64)  # (n,) 1 where kept
+        coef = np.linalg.solve((weight @ products).reshape(6, 6), (weight * values) @ design)
         residual = values - design @ coef
         spread = 1.4826 * _median(np.abs(residual[keep]))  # MAD: the noise's sigma, unmoved by ink
         inliers = np.abs(residual) <= max(3 * spread, 0.02)
