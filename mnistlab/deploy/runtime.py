@@ -88,8 +88,13 @@ class OnnxRuntime(Runtime):
         super().__init__(mean, std)
         ort = require_onnxruntime()
         source = model if isinstance(model, bytes) else str(model)
+        options = ort.SessionOptions()
+        # as many threads as torch was given (the server shares the cores out among its workers), and no
+        # spinning: an idle onnxruntime thread that spins takes the core the request threads need
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's errors share no base class: a damaged file, an op it lacks
             what = "the ONNX model" if isinstance(model, bytes) else str(model)
             raise UserError(f"{what}: onnxruntime cannot load it ({' '.join(str(e).split())[:200]})") from None
