@@ -49,9 +49,6 @@ BACKGROUND_GRID = 64
 BACKGROUND_BAND = 0.12
 MIN_SURFACE_SIDE = 32
 MIN_ROOM = 0.2  # the least contrast (paper to black, or to white) ink is measured against
-# The ink's side is decided from the grid's surface values (fast) unless a comparison lies this close to its
-# threshold; those values are within 1e-4 of the exact area means
-DECIDED = 0.005
 
 
 class UnreadableImage(ValueError):
@@ -100,8 +97,9 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     furthest from the background surface, as a share of the way from the paper to black (or white)."""
     grey = np.asarray(grey, dtype=np.float32)
     fit = _fit_background(grey)
-    background = _surface(fit[0], *grey.shape) if fit else np.full_like(grey, _border_level(grey))
-    inverted = _polarity(grey, background, fit)
+    factors = _surface_factors(fit[0], *grey.shape) if fit else None
+    background = factors[0] @ factors[1] if factors else np.full_like(grey, _border_level(grey))  # (H, W)
+    inverted = _polarity(grey, background, fit, factors)
     # how far each pixel goes from the paper towards full ink, as a share of the room there is: where less
     # light falls the strokes are darker by less (the paper's reflectance times the light), and a stroke
     # must read the same across the sheet (floored: a near-black paper's noise is not ink). In place: at a
@@ -116,24 +114,28 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.clip(ink, 0.0, 1.0, out=ink), inverted
 
 
-def _polarity(grey: np.ndarray, background: np.ndarray, fit: tuple[np.ndarray, np.ndarray] | None) -> bool:
+def _polarity(grey: np.ndarray, background: np.ndarray, fit: tuple[np.ndarray, np.ndarray] | None,
+              factors: tuple[np.ndarray, np.ndarray] | None) -> bool:
     """Whether the ink is darker than the paper: the side whose area means of grey - background (on the
     background's grid: a lone speck is not ink) depart furthest from it; when neither stands out, the border's
     level decides."""
     darker = lighter = None
-    if fit is not None:
-        # The area means of the residual (clipped to [-1, 1]) are the grid's grey less the surface's means
-        # there, which are its values at the grid's pixel centres up to (cell width)^2 / 12 of the curvature
-        # (under 1e-4), and the clip moves them by at most as far as the surface leaves [0, 1]. Decided from
-        # these unless a comparison below lies within DECIDED of its threshold.
-        excess = max(float(background.max()) - 1.0, -float(background.min()), 0.0)
-        coef, small_grey = fit
-        if excess < DECIDED / 4:
-            small = small_grey - (_design(*small_grey.shape) @ coef).reshape(small_grey.shape)
-            darker, lighter = -float(small.min()), float(small.max())
-            gap = abs(darker - lighter)
-            if abs(gap - BLANK_INK / 2) < DECIDED or gap < DECIDED:
-                darker = lighter = None
+    if fit is not None and factors is not None:
+        # The area means are linear: those of the residual are the grid's grey (already made for the fit) less
+        # the surface's, which are the products of its factors' 1-D area means (the box filter is separable),
+        # so no full-size image is resampled. Exact but for the clip of the residual to [-1, 1], which moves a
+        # mean by at most as far as the surface leaves [0, 1]: decided from these unless a comparison below
+        # lies within twice that of its threshold.
+        small_grey = fit[1]
+        gh, gw = small_grey.shape
+        rows, cols = factors  # (H, 3), (3, W)
+        small_surface = _area_mean(rows.T, 3, gh).T @ _area_mean(cols, 3, gw)  # (gh, gw)
+        small = small_grey - small_surface
+        darker, lighter = -float(small.min()), float(small.max())
+        slack = 2 * max(float(background.max()) - 1.0, -float(background.min()), 0.0) + 1e-5
+        gap = abs(darker - lighter)
+        if abs(gap - BLANK_INK / 2) <= slack or gap <= slack:
+            darker = lighter = None
     if darker is None:  # the exact way: the clipped residual's area means
         small = _area_mean(np.clip(grey - background, -1.0, 1.0), *_grid_shape(grey.shape))
         darker, lighter = -float(small.min()), float(small.max())
@@ -219,22 +221,26 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return coef, small
 
 
-def _surface(coef: np.ndarray, h: int, w: int) -> np.ndarray:
-    """The quadratic evaluated at every pixel centre (H, W) float32, as one rank-3 product: a + bx + dx^2 + cy +
-    fy^2 + exy = [1, y, c y + f y^2] . [a + b x + d x^2, e x, 1] (one pass over the image, not six)."""
+def _surface_factors(coef: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The quadratic at every pixel centre as a rank-3 product rows @ cols, (H, 3) and (3, W) float32:
+    a + bx + dx^2 + cy + fy^2 + exy = [1, y, c y + f y^2] . [a + b x + d x^2, e x, 1] (one pass over the image to
+    make it, not six)."""
     a, b, c, d, e, f = coef
     y = (np.arange(h, dtype=np.float64) + 0.5) / h * 2 - 1
     x = (np.arange(w, dtype=np.float64) + 0.5) / w * 2 - 1
     rows = np.stack([np.ones_like(y), y, c * y + f * y * y], axis=1).astype(np.float32)  # (H, 3)
     cols = np.stack([a + b * x + d * x * x, e * x, np.ones_like(x)]).astype(np.float32)  # (3, W)
-    return rows @ cols
+    return rows, cols
 
 
 def _background(grey: np.ndarray) -> np.ndarray:
     """The paper's level at every pixel (H, W): the quadratic surface of _fit_background, or for a small
     picture its border's median."""
     fit = _fit_background(grey)
-    return _surface(fit[0], *grey.shape) if fit else np.full_like(grey, _border_level(grey))
+    if fit is None:
+        return np.full_like(grey, _border_level(grey))
+    rows, cols = _surface_factors(fit[0], *grey.shape)
+    return rows @ cols
 
 
 def _resize(ink: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -247,7 +253,7 @@ def _area_mean(a: np.ndarray, height: int, width: int) -> np.ndarray:
     """_resize of values already in range: no clipping and no copy of the input beyond float32."""
     from PIL import Image
 
-    img = Image.fromarray(np.asarray(a, dtype=np.float32), mode="F")
+    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
     return np.asarray(img.resize((width, height), resample=Image.Resampling.BOX), dtype=np.float32)
 
 
