@@ -64,6 +64,27 @@ def idx_dir(tmp_path) -> Path:
     return write_dataset(tmp_path / "tiny", make_arrays())
 
 
+@pytest.fixture
+def untrained_run(tmp_path) -> Path:
+    """A run folder holding an untrained MLP's checkpoint (step 3) for a small synthetic dataset in data/;
+    no training, so the quick tests can predict, calibrate and switch runtimes."""
+    import torch
+
+    from mnistlab.checkpoint import CHECKPOINT, save_checkpoint
+    from mnistlab.config import TrainConfig
+    from mnistlab.models import create_model
+
+    data = write_dataset(tmp_path / "data", make_arrays())
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    cfg = TrainConfig(dataset="custom", data_dir=str(data), val_size=50, model="mlp")
+    meta = dict(model="mlp", model_kwargs={}, in_chans=1, num_classes=10, classes=list("0123456789"), mean=0.5,
+                std=0.29, config=cfg.to_dict(), step=3)
+    save_checkpoint(run / CHECKPOINT, create_model("mlp").eval(), meta)
+    return run
+
+
 def spec_for(arrays: dict[str, np.ndarray], name: str, *, raw_hashes: bool = True, **kwargs) -> DatasetSpec:
     """A registry entry whose recorded hashes are those of `arrays` as write_dataset writes them."""
     files = []

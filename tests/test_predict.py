@@ -8,17 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_arrays, train_digits, write_dataset
+from conftest import train_digits
 from PIL import Image
 
 from mnistlab.calibration import fit_calibration
-from mnistlab.checkpoint import CHECKPOINT, save_checkpoint
 from mnistlab.cli import main
-from mnistlab.config import TrainConfig
 from mnistlab.deploy import preprocess
 from mnistlab.deploy.predict import Predictor
 from mnistlab.deploy.preprocess import prepare, render_as_picture, to_model_input
-from mnistlab.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only waits
 
@@ -26,21 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second th
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     return train_digits(tmp_path_factory.mktemp("predict"), "--model", "mlp", "--epochs", "6")
-
-
-@pytest.fixture
-def untrained_run(tmp_path):
-    """A run folder holding an untrained MLP's checkpoint (step 3) for a small synthetic dataset in data/;
-    no training, so the quick tests can predict and calibrate."""
-    data = write_dataset(tmp_path / "data", make_arrays())
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.manual_seed(0)
-    cfg = TrainConfig(dataset="custom", data_dir=str(data), val_size=50, model="mlp")
-    meta = dict(model="mlp", model_kwargs={}, in_chans=1, num_classes=10, classes=list("0123456789"), mean=0.5,
-                std=0.29, config=cfg.to_dict(), step=3)
-    save_checkpoint(run / CHECKPOINT, create_model("mlp").eval(), meta)
-    return run
 
 
 @pytest.fixture

@@ -10,35 +10,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_arrays, train_digits, write_dataset
+from conftest import make_arrays, train_digits
 from PIL import Image
 
 import mnistlab
 from mnistlab.checkpoint import CHECKPOINT, save_checkpoint
 from mnistlab.cli import main
-from mnistlab.config import TrainConfig
 from mnistlab.data.dataset import load_dataset
 from mnistlab.deploy import runtime
 from mnistlab.deploy.predict import Predictor
 from mnistlab.errors import UserError
-from mnistlab.models import create_model
 from mnistlab.record import load_run_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only waits
-
-
-@pytest.fixture
-def untrained_run(tmp_path):
-    """A run folder with an untrained MLP's checkpoint for a small synthetic dataset (no training, no export)."""
-    data = write_dataset(tmp_path / "data", make_arrays())
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.manual_seed(0)
-    cfg = TrainConfig(dataset="custom", data_dir=str(data), val_size=50, model="mlp")
-    meta = dict(model="mlp", model_kwargs={}, in_chans=1, num_classes=10, classes=list("0123456789"), mean=0.5,
-                std=0.29, config=cfg.to_dict(), step=3)
-    save_checkpoint(run / CHECKPOINT, create_model("mlp").eval(), meta)
-    return run
 
 
 @pytest.fixture
