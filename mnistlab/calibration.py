@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,15 +135,23 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, step: int) -> di
 
 
 @torch.inference_mode()
-def model_logits(model: torch.nn.Module, images_u8: torch.Tensor, mean: float, std: float,
-                 batch: int = 1000) -> torch.Tensor:
-    """(N, K) float32 logits on the CPU of uint8 images (N, H, W): exactly what prediction computes."""
+def batched_logits(forward: Callable[[torch.Tensor], torch.Tensor], images_u8: torch.Tensor, mean: float,
+                   std: float, batch: int = 1000, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, K) float32 logits on the CPU of uint8 images (N, H, W), `batch` images at a time: each batch moved to
+    `device`, normalised there ((B, C, H, W) float32) and passed to `forward` (a module, or a deploy/runtime.py
+    Runtime's logits)."""
     from mnistlab.data.batches import to_input
 
-    device = next(model.parameters()).device
-    out = [model(to_input(images_u8[i : i + batch].to(device), mean, std)).float().cpu()
+    out = [forward(to_input(images_u8[i : i + batch].to(device), mean, std)).float().cpu()
            for i in range(0, len(images_u8), batch)]
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def model_logits(model: torch.nn.Module, images_u8: torch.Tensor, mean: float, std: float,
+                 batch: int = 1000) -> torch.Tensor:
+    """(N, K) float32 logits on the CPU of uint8 images (N, H, W) through `model`, on the device it is on: what
+    prediction computes with the default runtime (torch fp32)."""
+    return batched_logits(model, images_u8, mean, std, batch, device=next(model.parameters()).device)
 
 
 def calibrate_model(model: torch.nn.Module, val_images: torch.Tensor, val_labels: torch.Tensor, mean: float,

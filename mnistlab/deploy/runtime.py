@@ -56,12 +56,10 @@ class Runtime:
         raise NotImplementedError
 
     def logits_u8(self, images_u8: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-        """(N, 28, 28) uint8 images -> (N, K) float32 logits, `batch` images at a time."""
-        from mnistlab.data.batches import to_input
+        """(N, 28, 28) uint8 images -> (N, K) float32 logits, `batch` images at a time (normalised on the CPU)."""
+        from mnistlab.calibration import batched_logits
 
-        out = [self.logits(to_input(images_u8[i : i + batch], self.mean, self.std))
-               for i in range(0, len(images_u8), batch)]
-        return torch.cat(out) if out else torch.zeros(0, 0)
+        return batched_logits(self.logits, images_u8, self.mean, self.std, batch)
 
 
 class TorchRuntime(Runtime):
