@@ -26,7 +26,7 @@ ink is then whichever way the picture departs furthest from its background: dark
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -250,11 +250,54 @@ def _resize(ink: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _area_mean(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    """_resize of values already in range: no clipping and no copy of the input beyond float32."""
-    from PIL import Image
+    """_resize of values already in range: no clipping. PIL's BOX filter as two matrix products, rows (height, H)
+    @ a (H, W) @ cols (W, width), equal to Pillow's own resize to float32 rounding (tests/test_preprocess.py)."""
+    a = np.asarray(a, dtype=np.float32)
+    # resample the rows, then the columns as the rows of the transpose (a view: matmul reads it in place)
+    return _box_rows(_box_rows(a, height).T, width).T
 
-    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
-    return np.asarray(img.resize((width, height), resample=Image.Resampling.BOX), dtype=np.float32)
+
+def _box_rows(a: np.ndarray, n_out: int) -> np.ndarray:
+    """PIL's BOX resample of a's rows (N, W) -> (n_out, W) float32, a block of output rows at a time."""
+    if n_out == a.shape[0]:
+        return a  # BOX at the same size is the identity
+    out = np.empty((n_out, a.shape[1]), dtype=np.float32)
+    # each block of output rows reads only the input rows under it: (rows, span) @ (span, W), not the whole
+    # (n_out, N) matrix, most of which is zeros (a box covers about N / n_out rows)
+    for first, last, lo, hi, weights in _box_weights(a.shape[0], n_out):
+        np.matmul(weights, a[lo:hi], out=out[first:last])
+    return out
+
+
+BOX_BLOCK = 8  # output rows per matrix product in _box_rows: fewer calls against fewer multiplications by zero
+
+
+@lru_cache(maxsize=128)  # a few sizes recur (the grid, the page's canvas); at most 64 x 4096 float32 each
+def _box_weights(n_in: int, n_out: int) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """Pillow's BOX resample from n_in to n_out pixels (its precompute_coeffs, in the same double arithmetic) as
+    blocks (first, last, lo, hi, weights (last - first, hi - lo) float32): output pixels first..last-1 are
+    weights @ the input pixels lo..hi-1. Each output pixel is the mean of the input pixels whose centres lie in
+    its span (when enlarging: the nearest one). Read-only."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)  # the filter widens only when shrinking
+    support = 0.5 * stretch
+    centre = (np.arange(n_out) + 0.5) * scale  # (n_out,) in input pixels
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # C's (int) cast truncates, as astype does
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), n_in)
+    i = np.arange(n_in)
+    x = (i[None, :] - centre[:, None] + 0.5) * (1.0 / stretch)  # (n_out, n_in), the filter's argument
+    weights = ((x > -0.5) & (x <= 0.5) & (i >= lo[:, None]) & (i < hi[:, None])).astype(np.float64)
+    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)  # each row sums to 1 (a mean)
+    weights = weights.astype(np.float32)
+    blocks = []
+    for first in range(0, n_out, BOX_BLOCK):
+        last = min(first + BOX_BLOCK, n_out)
+        used = np.flatnonzero(weights[first:last].any(axis=0))
+        lo_b, hi_b = int(used[0]), int(used[-1]) + 1
+        block = np.ascontiguousarray(weights[first:last, lo_b:hi_b])
+        block.flags.writeable = False
+        blocks.append((first, last, lo_b, hi_b, block))
+    return blocks
 
 
 def _border_level(a: np.ndarray) -> float:
