@@ -97,30 +97,43 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     furthest from the background surface, as a share of the way from the paper to black (or white)."""
     grey = np.asarray(grey, dtype=np.float32)
     fit = _fit_background(grey)
-    factors = _surface_factors(fit[0], *grey.shape) if fit else None
-    background = factors[0] @ factors[1] if factors else np.full_like(grey, _border_level(grey))  # (H, W)
+    flat = fit is None or _is_flat(fit[0])
+    factors = None if flat else _surface_factors(fit[0], *grey.shape)
+    # a flat paper (a small picture's border level, or a surface without slope, as a digital canvas's white is)
+    # is one number: no (H, W) surface to make, and the arithmetic below broadcasts it
+    background = (_border_level(grey) if fit is None else float(fit[0][0])) if flat else factors[0] @ factors[1]
     inverted = _polarity(grey, background, fit, factors)
     # how far each pixel goes from the paper towards full ink, as a share of the room there is: where less
     # light falls the strokes are darker by less (the paper's reflectance times the light), and a stroke
     # must read the same across the sheet (floored: a near-black paper's noise is not ink). In place: at a
     # photo's size each full-resolution copy costs more than the arithmetic.
-    if inverted:
-        ink = background - grey
+    ink = np.subtract(background, grey) if inverted else np.subtract(grey, background)  # (H, W) float32
+    if flat:  # one number: a Python float, so the division stays in float32
+        room = max(background if inverted else 1.0 - background, MIN_ROOM)
+    elif inverted:
         room = np.maximum(background, MIN_ROOM, out=background)
     else:
-        ink = grey - background
         room = np.maximum(np.subtract(1.0, background, out=background), MIN_ROOM, out=background)
     np.divide(ink, room, out=ink)
     return np.clip(ink, 0.0, 1.0, out=ink), inverted
 
 
-def _polarity(grey: np.ndarray, background: np.ndarray, fit: tuple[np.ndarray, np.ndarray] | None,
+FLAT = 1e-6  # a surface whose slopes move it by less than this over the picture is flat (a grey level is 1/255)
+
+
+def _is_flat(coef: np.ndarray) -> bool:
+    """Whether the quadratic a + bx + cy + dx^2 + exy + fy^2 stays within FLAT of a on the picture: |x|, |y| <= 1,
+    so it departs from a by at most |b| + |c| + |d| + |e| + |f|."""
+    return float(np.abs(coef[1:]).sum()) <= FLAT
+
+
+def _polarity(grey: np.ndarray, background: np.ndarray | float, fit: tuple[np.ndarray, np.ndarray] | None,
               factors: tuple[np.ndarray, np.ndarray] | None) -> bool:
     """Whether the ink is darker than the paper: the side whose area means of grey - background (on the
     background's grid: a lone speck is not ink) depart furthest from it; when neither stands out, the border's
     level decides."""
     darker = lighter = None
-    if fit is not None and factors is not None:
+    if fit is not None:
         # The area means are linear: those of the residual are the grid's grey (already made for the fit) less
         # the surface's, which are the products of its factors' 1-D area means (the box filter is separable),
         # so no full-size image is resampled. Exact but for the clip of the residual to [-1, 1], which moves a
@@ -128,11 +141,13 @@ def _polarity(grey: np.ndarray, background: np.ndarray, fit: tuple[np.ndarray, n
         # lies within twice that of its threshold.
         small_grey = fit[1]
         gh, gw = small_grey.shape
-        rows, cols = factors  # (H, 3), (3, W)
-        small_surface = _area_mean(rows.T, 3, gh).T @ _area_mean(cols, 3, gw)  # (gh, gw)
+        h, w = grey.shape
+        # a flat surface's area means are its level; a sloping one's are [1, y, y^2]'s area means . Q . [1, x, x^2]'s
+        small_surface = (background if factors is None
+                         else _powers(h, gh) @ _coefficients(fit[0]) @ _powers(w, gw).T)  # (gh, gw)
         small = small_grey - small_surface
         darker, lighter = -float(small.min()), float(small.max())
-        slack = 2 * max(float(background.max()) - 1.0, -float(background.min()), 0.0) + 1e-5
+        slack = 2 * max(float(np.max(background)) - 1.0, -float(np.min(background)), 0.0) + 1e-5
         gap = abs(darker - lighter)
         if abs(gap - BLANK_INK / 2) <= slack or gap <= slack:
             darker = lighter = None
@@ -210,9 +225,9 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         # of lstsq's cost
         weight = keep.astype(np.float64)  # (n,) 1 where kept
         coef = np.linalg.solve((weight @ products).reshape(6, 6), (weight * values) @ design)
-        residual = values - design @ coef
-        spread = 1.4826 * _median(np.abs(residual[keep]))  # MAD: the noise's sigma, unmoved by ink
-        inliers = np.abs(residual) <= max(3 * spread, 0.02)
+        off = np.abs(values - design @ coef)  # (n,) each pixel's distance from the surface, made once
+        spread = 1.4826 * _median(off[keep])  # MAD: the noise's sigma, unmoved by ink
+        inliers = off <= max(3 * spread, 0.02)
         if inliers.sum() < 2 * design.shape[1]:
             break  # too few left to fit six numbers: keep the last surface
         if np.array_equal(inliers, keep):
@@ -223,14 +238,25 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _surface_factors(coef: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """The quadratic at every pixel centre as a rank-3 product rows @ cols, (H, 3) and (3, W) float32:
-    a + bx + dx^2 + cy + fy^2 + exy = [1, y, c y + f y^2] . [a + b x + d x^2, e x, 1] (one pass over the image to
-    make it, not six)."""
+    a + bx + cy + dx^2 + exy + fy^2 = [1, y, y^2] . Q . [1, x, x^2] (one pass over the image to make it, not
+    six). rows is cached (read-only); only cols = Q @ [1, x, x^2] (3, W) is made per picture."""
+    return _powers(h, h), (_coefficients(coef) @ _powers(w, w).T).astype(np.float32)
+
+
+def _coefficients(coef: np.ndarray) -> np.ndarray:
+    """The quadratic's six coefficients as Q (3, 3) float64, Q[i, j] that of y^i x^j."""
     a, b, c, d, e, f = coef
-    y = (np.arange(h, dtype=np.float64) + 0.5) / h * 2 - 1
-    x = (np.arange(w, dtype=np.float64) + 0.5) / w * 2 - 1
-    rows = np.stack([np.ones_like(y), y, c * y + f * y * y], axis=1).astype(np.float32)  # (H, 3)
-    cols = np.stack([a + b * x + d * x * x, e * x, np.ones_like(x)]).astype(np.float32)  # (3, W)
-    return rows, cols
+    return np.array([[a, b, d], [c, e, 0.0], [f, 0.0, 0.0]])
+
+
+@lru_cache(maxsize=256)  # pictures come in many sizes: at most 256 x (5,000 x 3) float32, about 15 MB
+def _powers(n: int, m: int) -> np.ndarray:
+    """(m, 3) float32: 1, t and t^2 at n pixel centres (t in [-1, 1], as _design's x and y), area-averaged onto m
+    pixels when m < n (the surface's area means on a grid, without resampling a full-size surface). Read-only."""
+    t = (np.arange(n, dtype=np.float64) + 0.5) / n * 2 - 1
+    powers = _area_mean(np.stack([np.ones_like(t), t, t * t]).astype(np.float32), 3, m).T.copy()
+    powers.flags.writeable = False
+    return powers
 
 
 def _background(grey: np.ndarray) -> np.ndarray:
@@ -308,35 +334,50 @@ def _border_level(a: np.ndarray) -> float:
 def _ink_box(ink: np.ndarray) -> tuple[tuple[int, int, int, int], float] | None:
     """(bounding box (top, bottom, left, right) of pixels clearly above the background, the background
     level), or None if blank."""
+    found = _find_ink(ink)
+    return None if found is None else found[:2]
+
+
+def _find_ink(ink: np.ndarray) -> tuple[tuple[int, int, int, int], float, float] | None:
+    """_ink_box's (box, background) and the ink's peak value, or None if blank."""
     background = _border_level(ink)
-    peak = float(ink.max())
+    row_peaks = ink.max(axis=1)  # (H,): one pass gives the peak and which rows reach the box's level
+    peak = float(row_peaks.max())
     if peak - background < BLANK_INK:
         return None
-    mask = ink > background + BOX_LEVEL * (peak - background)  # holds the pixels above half, so never empty
-    rows = np.flatnonzero(mask.any(1))
+    level = background + BOX_LEVEL * (peak - background)  # below half way, so the box is never empty
+    rows = np.flatnonzero(row_peaks > level)
     top, bottom = int(rows[0]), int(rows[-1]) + 1
-    cols = np.flatnonzero(mask[top:bottom].any(0))
+    cols = np.flatnonzero(ink[top:bottom].max(axis=0) > level)  # (W,) over the box's rows only
     left, right = int(cols[0]), int(cols[-1]) + 1
-    # the pixels above half way are above the box's level too, so all inside the box: counted there alone
-    if (ink[top:bottom, left:right] > background + 0.5 * (peak - background)).sum() < MIN_INK_PIXELS:
+    # the pixels above half way are above the box's level too, so all inside the box: counted there alone,
+    # and only when fewer than MIN_INK_PIXELS rows reach half way (each such row has one at least)
+    half = background + 0.5 * (peak - background)
+    if ((row_peaks > half).sum() < MIN_INK_PIXELS
+            and (ink[top:bottom, left:right] > half).sum() < MIN_INK_PIXELS):
         return None  # a speck, not a drawing
-    return (top, bottom, left, right), background
+    return (top, bottom, left, right), background, peak
 
 
 def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
-    """(28x28 uint8, blank) from an ink map, by a dataset's own recipe ("mnist", "digits" or "fashion")."""
-    found = _ink_box(ink)
+    """(28x28 uint8, blank) from an ink map (H, W) in [0, 1], by a dataset's own recipe ("mnist", "digits" or
+    "fashion")."""
+    found = _find_ink(ink)
     if found is None:
         return np.zeros((28, 28), dtype=np.uint8), True
-    (top, bottom, left, right), background = found
-    crop = np.maximum(ink[top:bottom, left:right] - background, 0.0)  # (h, w), the paper at 0
+    (top, bottom, left, right), background, peak = found
+    crop = ink[top:bottom, left:right]  # (h, w), a view
+    if background != 0:  # the paper at 0 (an ink map is >= 0, so a border at 0 needs no copy)
+        crop = np.maximum(crop - background, 0.0)
     h, w = crop.shape
     side = 28 if convention == "fashion" else 20
     scale = side / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     # full-scale ink, as the datasets' strokes are: the peak at 1 (scaled after the area means, which are
     # linear, so on nh x nw pixels rather than the crop's)
-    small = _area_mean(crop, nh, nw) / max(float(crop.max()), 1e-6)
+    # the crop's peak is the ink's, less the background (the peak lies in the box): no pass over the crop
+    crop_peak = float(np.float32(peak) - np.float32(background))
+    small = _area_mean(crop, nh, nw) / max(crop_peak, 1e-6)
     field = np.zeros((28, 28), dtype=np.float32)
     if convention == "mnist":
         # paste so that the centre of mass lands at the field's centre (13.5, 13.5), by whole pixels
