@@ -400,7 +400,7 @@ def main() -> None:
     ap.add_argument("--connections", default="1,8,32,128")
     ap.add_argument("--servers", default="bare,torch,torch-b1")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--serve-args", default="", help="more `mnistlab serve` flags, e.g. '--max-wait-ms 0'")
+    ap.add_argument("--serve-args", default="", help="more `mnistlab serve` flags, e.g. '--keep-alive 30'")
     ap.add_argument("--runtime", help="--in-process: the runtime to open the run with")
     ap.add_argument("--in-process", action="store_true")
     ap.add_argument("--mix", type=float, metavar="SECONDS")

@@ -610,7 +610,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f'serving needs the serve extra: pip install "mnistlab[serve]" ({e})') from None
     from mnistlab.deploy.serve.server import ServeSettings
 
-    chosen = {name: getattr(args, name) for name in ("max_batch", "max_wait_ms", "workers", "keep_alive",
+    chosen = {name: getattr(args, name) for name in ("max_batch", "workers", "keep_alive",
                                                        "read_timeout") if getattr(args, name) is not None}
     options = dict(runtime=args.runtime, precision=args.precision, force_bf16=args.force_bf16)
     settings = ServeSettings(run_dirs=args.run_dirs, max_upload=round(args.max_upload_mb * 2**20),
@@ -634,11 +634,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--workers", type=_arg_type("positive_int"), metavar="N",
                    help="server processes, each with its own copy of the models (default: 1)")
     p.add_argument("--max-batch", type=_arg_type("positive_int"), metavar="N",
-                   help="most pictures per model call; pictures that arrive while the model is busy join the next "
-                        "call (default: 32; 1 turns batching off)")
-    p.add_argument("--max-wait-ms", type=_arg_type("nonneg_float"), metavar="MS",
-                   help="how long a picture that queued behind a busy model may wait for company; a picture that "
-                        "finds the model idle never waits (default: 2)")
+                   help="most pictures per model call; pictures that arrive while the server is busy join the "
+                        "next call, a lone picture never waits (default: 32; 1 turns batching off)")
     p.add_argument("--keep-alive", type=_arg_type("positive_int"), metavar="S",
                    help="seconds an idle keep-alive connection stays open (default: 5)")
     p.add_argument("--read-timeout", type=_arg_type("positive_float"), metavar="S",

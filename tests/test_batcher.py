@@ -1,6 +1,6 @@
 """deploy/batcher.py: every answer goes back to its own caller (threads and asyncio, the Python API and the
 server), a lone item runs at once, a queue is served oldest first in batches of at most max_batch, and an
-exception reaches only the callers it belongs to.
+exception reaches only the callers it belongs to; the same for LoopBatcher, which batches on the event loop.
 
 No timing assertions: "at once" is checked with a max_wait of a minute and a result() timeout of seconds,
 and fairness by order (no item is overtaken) and by counting the batches an item waits for."""
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnistlab.deploy.batcher import Ask, Batcher, BatcherClosed, prediction_batcher
+from mnistlab.deploy.batcher import Ask, Batcher, BatcherClosed, LoopBatcher, prediction_batcher
 from mnistlab.deploy.predict import Predictor
 from mnistlab.deploy.preprocess import Prepared
 
@@ -213,6 +213,100 @@ def test_many_threads_and_many_tasks_each_get_their_own_answer():
         assert max(batcher.sizes) > 1  # they did share batches
 
 
+# --- LoopBatcher: the same on the event loop's thread --------------------------------------------------------
+
+class Recorded:
+    """Doubles numbers, records each batch and the thread it ran on, raises for negative numbers."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        if any(x < 0 for x in items):
+            raise ValueError(f"negative: {[x for x in items if x < 0]}")
+        return [2 * x for x in items]
+
+
+def test_loop_batcher_answers_a_lone_item_in_the_next_turn():
+    fn = Recorded()
+    batcher = LoopBatcher(fn, max_batch=32)
+
+    async def lone() -> int:
+        return await asyncio.wait_for(batcher.run(21), timeout=5)
+
+    assert asyncio.run(lone()) == 42 and fn.batches == [[21]]
+    assert fn.threads == {threading.current_thread().name}  # on the loop's own thread: no hand-over
+
+
+def test_loop_batcher_joins_the_items_of_one_turn_oldest_first_in_bounded_calls():
+    fn = Recorded()
+    batcher = LoopBatcher(fn, max_batch=4)
+
+    async def burst() -> list[int]:
+        return await asyncio.gather(*(batcher.run(x) for x in range(10)))
+
+    assert asyncio.run(burst()) == [2 * x for x in range(10)]
+    assert fn.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and batcher.sizes == [4, 4, 2]
+
+
+def test_loop_batcher_items_that_arrive_while_a_call_runs_join_the_next_one():
+    batches: list[list[int]] = []
+    late: list[asyncio.Future] = []
+
+    def fn(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        if items == [0]:  # three requests arrive while the first call runs: the loop takes them up after it
+            late.extend(asyncio.ensure_future(batcher.run(x)) for x in (1, 2, 3))
+        return items
+
+    async def scenario() -> None:
+        assert await batcher.run(0) == 0
+        assert await asyncio.gather(*late) == [1, 2, 3]
+
+    batcher = LoopBatcher(fn, max_batch=32)
+    asyncio.run(scenario())
+    assert batches == [[0], [1, 2, 3]]  # the lone first item did not wait; the three went together
+
+
+def test_loop_batcher_many_tasks_each_get_their_own_answer_across_turns():
+    fn = Recorded()
+    batcher = LoopBatcher(fn, max_batch=16)
+
+    async def caller(x: int) -> int:
+        await asyncio.sleep(0.0005 * (x % 7))  # arrivals spread over several turns
+        return await batcher.run(x)
+
+    async def many() -> list[int]:
+        return await asyncio.gather(*(caller(x) for x in range(300)))
+
+    assert asyncio.run(many()) == [2 * x for x in range(300)]
+    assert sum(batcher.sizes) == 300 and max(batcher.sizes) <= 16 and max(batcher.sizes) > 1
+
+
+def test_loop_batcher_an_exception_reaches_only_its_caller_and_a_cancelled_caller_is_skipped():
+    fn = Recorded()
+    batcher = LoopBatcher(fn, max_batch=32)
+
+    async def scenario() -> list:
+        tasks = [asyncio.ensure_future(batcher.run(x)) for x in (1, -2, 3, 4)]
+        await asyncio.sleep(0)  # every task has queued its item; the call is due in the next turn
+        tasks[3].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    one, bad, three, gone = asyncio.run(scenario())
+    assert (one, three) == (2, 6) and isinstance(bad, ValueError) and isinstance(gone, asyncio.CancelledError)
+    assert fn.batches[0] == [1, -2, 3] and 4 not in sum(fn.batches, [])  # the batch, then each alone
+    assert fn.batches[1:] == [[1], [-2], [3]]
+
+
+def test_loop_batcher_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        LoopBatcher(lambda items: items, max_batch=0)
+
+
 # --- a real model: batched answers equal one-by-one answers -------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -304,7 +398,7 @@ def test_the_server_answers_concurrent_distinct_pictures_each_with_its_own(predi
 
     from mnistlab.deploy.serve.app import create_app
 
-    app = create_app({"untrained": predictor}, max_batch=8, max_wait_ms=2)
+    app = create_app({"untrained": predictor}, max_batch=8)
     expected = one_by_one(predictor, views)
     pngs = []
     for v in views[:16]:

@@ -31,7 +31,7 @@ from serve_fakes import CLOTHES, FakeModel  # noqa: E402
 from mnistlab.cli import main  # noqa: E402
 from mnistlab.deploy import preprocess  # noqa: E402
 from mnistlab.deploy.serve import inference  # noqa: E402
-from mnistlab.deploy.serve.app import MAX_JSON, MAX_UPLOAD, MODEL_CALLS, create_app  # noqa: E402
+from mnistlab.deploy.serve.app import MAX_JSON, MAX_UPLOAD, PREPARE_CALLS, create_app  # noqa: E402
 from mnistlab.deploy.serve.server import is_loopback, run_server  # noqa: E402
 
 
@@ -176,18 +176,49 @@ def test_blank_pixels_are_answered_blank(client):
     assert r.status_code == 200 and r.json()["status"] == "blank"
 
 
-def test_the_model_runs_in_a_worker_thread_under_inference_mode(fakes, client):
+def test_the_model_runs_under_inference_mode(fakes, client):
     client.post("/api/predict", json={"pixels": a_seven().reshape(-1).tolist()})
     assert fakes["fake-digits"].seen[-1][2] is True
 
 
-def test_healthz_answers_while_every_model_call_is_busy():
-    """Requests beyond the limiter wait without holding a thread, and /healthz runs on the event loop: with a
-    threading.Semaphore in sync handlers, 45 held requests took the 40-thread pool and /healthz hung."""
+def test_small_pictures_are_prepared_on_the_loop_and_large_ones_in_threads(monkeypatch):
+    """A 280x280 drawing is prepared on the event loop's thread (no hand-over); a picture over INLINE_PIXELS in
+    a worker thread, so that it does not hold up the other requests."""
+    threads: list[str] = []
+    prepare = inference.model_view
+
+    def watched(picture, dataset):
+        threads.append(threading.current_thread().name)
+        return prepare(picture, dataset)
+
+    monkeypatch.setattr(inference, "model_view", watched)
+    side = int(inference.INLINE_PIXELS ** 0.5) + 1
+    with TestClient(create_app({"fake": FakeModel()})) as c:
+        assert upload(c, drawn(a_seven())).status_code == 200
+        big = png_bytes(Image.fromarray(255 - a_seven()).resize((side, side), Image.Resampling.BILINEAR))
+        assert upload(c, big).status_code == 200
+        loop_thread = c.portal.call(lambda: threading.current_thread().name)
+    assert threads[0] == loop_thread and threads[1] != loop_thread
+
+
+def test_healthz_answers_while_large_pictures_are_being_prepared(monkeypatch):
+    """Requests beyond the limiter wait for a thread without holding one, and /healthz runs on the event loop: 45
+    large pictures held in preparation (a gate) leave /healthz answering at once."""
     import anyio
 
-    gate = threading.Event()
-    model = FakeModel(gate=gate)
+    gate, running, lock = threading.Event(), [0], threading.Lock()
+    prepare = inference.model_view
+
+    def held(picture, dataset):
+        with lock:
+            running[0] += 1
+        gate.wait(10)
+        return prepare(picture, dataset)
+
+    monkeypatch.setattr(inference, "model_view", held)
+    side = int(inference.INLINE_PIXELS ** 0.5) + 1
+    big = png_bytes(Image.fromarray(255 - a_seven()).resize((side, side), Image.Resampling.BILINEAR))
+    model = FakeModel()
     app = create_app({"fake": model})
 
     async def scenario():
@@ -195,18 +226,19 @@ def test_healthz_answers_while_every_model_call_is_busy():
             async with anyio.create_task_group() as tasks:
                 try:
                     for _ in range(45):
-                        tasks.start_soon(lambda: http.post("/api/predict", json={"pixels": [0] * 784}))
+                        tasks.start_soon(lambda: http.post("/api/predict", content=big,
+                                                           headers={"content-type": "image/png"}))
                     with anyio.fail_after(5):
-                        while model.running < MODEL_CALLS:
+                        while running[0] < PREPARE_CALLS:
                             await anyio.sleep(0.005)
                     with anyio.fail_after(2):
                         assert (await http.get("/healthz")).json() == {"status": "ok"}
-                    assert model.running == MODEL_CALLS and not model.seen  # still saturated
+                    assert running[0] == PREPARE_CALLS and not model.seen  # still saturated
                 finally:
                     gate.set()
 
     anyio.run(scenario)
-    assert len(model.seen) == 45 and model.most_running == MODEL_CALLS
+    assert len(model.seen) == 45
 
 
 def test_page_is_served_with_its_ids_and_no_outside_urls(client):

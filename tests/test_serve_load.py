@@ -107,7 +107,6 @@ def test_the_serve_help_states_the_settings_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split("options:")[1].split())
     defaults = ServeSettings(run_dirs=[])
     for flag, value in [("--workers", defaults.workers), ("--max-batch", defaults.max_batch),
-                        ("--max-wait-ms", defaults.max_wait_ms), ("--keep-alive", defaults.keep_alive),
-                        ("--read-timeout", defaults.read_timeout)]:
+                        ("--keep-alive", defaults.keep_alive), ("--read-timeout", defaults.read_timeout)]:
         said = re.search(re.escape(flag) + r" \S+ .*?\(default: ([0-9.]+)", text)
         assert said and float(said.group(1)) == value, (flag, value)

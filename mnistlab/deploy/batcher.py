@@ -16,9 +16,15 @@ Errors go to their own callers. If a batch call raises, each of its items is run
 that breaks the model fails only its own request; an item that fails alone gets its exception. A caller
 that cancels (a client that went away) is skipped before its batch runs.
 
+LoopBatcher does the same on an asyncio event loop's own thread, with no thread and no wait: the server's
+processes use it (each has one core's worth of work, and hand-overs between threads cost more than they
+save there). A lone item is answered in the loop's next turn; the items that arrive while the loop is busy
+are handled in one turn and go as one call.
+
 This module knows nothing of HTTP: the server (serve/inference.py), `mnistlab.load(...).batched()`
-(api.py) and anything else that wants batching share it. `prediction_batcher(predictor)` makes the one
-for a Predictor: the items are prepared 28x28 views, the answers Predictions.
+(api.py) and anything else that wants batching share it. `predict_asks(predictor)` is the batch function
+for a Predictor (the items are prepared 28x28 views, the answers Predictions); `prediction_batcher` wraps it
+in a Batcher.
 """
 
 from __future__ import annotations
@@ -40,9 +46,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # measured with the Fashion --recipe fast CNN on a 2-core Xeon (docs/deploy.md, "A server that batches"): a batch
-# of 32 takes 3.2 ms (0.10 ms a picture, against 0.67 ms for a lone one), and preparing one 280x280 PNG 5.3 ms
+# of 32 takes 3.2 ms (0.10 ms a picture, against 0.67 ms for a lone one)
 MAX_BATCH = 32
-MAX_WAIT_MS = 2.0  # beyond the wait for a free worker; 0, 2 and 5 ms served 244, 265 and 208 requests/s
+MAX_WAIT_MS = 2.0  # Batcher: beyond the wait for a free worker (a threaded server measured 0, 2, 5 ms: 244, 265, 208/s)
 
 
 class BatcherClosed(RuntimeError):
@@ -145,18 +151,77 @@ class Batcher(Generic[T, R]):
                     item.future.set_exception(outcome)
 
     def _outcomes(self, items: list[_Item[T, R]]) -> list[tuple[bool, Any]]:
-        """(True, answer) or (False, exception) for each item, in order."""
-        if not items:
-            return []
-        try:
-            answers = list(self.fn([item.value for item in items]))
-            if len(answers) != len(items):
-                raise RuntimeError(f"the batch function returned {len(answers)} answers for {len(items)} items")
-        except BaseException as e:  # every exception belongs to a caller, not to this thread
-            if len(items) > 1:  # find the culprit: each item alone, so only a failing one fails
-                return [outcome for item in items for outcome in self._outcomes([item])]
-            return [(False, e)]
-        return [(True, answer) for answer in answers]
+        return outcomes(self.fn, [item.value for item in items])
+
+
+def outcomes(fn: Callable[[list[T]], Sequence[R]], values: list[T]) -> list[tuple[bool, Any]]:
+    """(True, answer) or (False, exception) for each value of one batch call, in order. If the call raises, each
+    value is run again alone, so only a value that fails alone gets an exception."""
+    if not values:
+        return []
+    try:
+        answers = list(fn(values))
+        if len(answers) != len(values):
+            raise RuntimeError(f"the batch function returned {len(answers)} answers for {len(values)} items")
+    except BaseException as e:  # every exception belongs to a caller, not to the batcher
+        if len(values) > 1:  # find the culprit: each value alone, so only a failing one fails
+            return [outcome for value in values for outcome in outcomes(fn, [value])]
+        return [(False, e)]
+    return [(True, answer) for answer in answers]
+
+
+class LoopBatcher(Generic[T, R]):
+    """The same batching on an asyncio event loop's own thread, for a server process whose loop does all the work.
+
+        batcher = LoopBatcher(fn, max_batch=32)
+        answer = await batcher.run(item)
+
+    No thread and no lock: `run` queues the item and, if no call is due yet, asks the loop to make one as soon as
+    the callbacks already waiting have run (`call_soon`). A lone item is therefore answered in the loop's next
+    turn, with no wait; items that arrive while the loop is busy (it reads and prepares other requests, or runs
+    the model) are all handled in that turn and join the same call, up to max_batch (a full batch runs at once).
+    The call runs on the loop's thread: while it runs nothing else does, which is right when a process has one
+    core's worth of work (the server's workers) and costs no hand-over between threads, a few hundred
+    microseconds each way under load (docs/deploy.md). A failing call is retried item by item (`outcomes`); a
+    caller that was cancelled is skipped."""
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch ({max_batch}) must be >= 1")
+        self.fn, self.max_batch = fn, max_batch
+        self.sizes: list[int] = []
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._due: asyncio.Handle | None = None  # the call already asked of the loop
+
+    async def run(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.append((item, future))
+        if len(self._queue) >= self.max_batch:
+            self._call()
+        elif self._due is None:
+            self._due = loop.call_soon(self._call)
+        return await future
+
+    def _call(self) -> None:
+        """One model call on the queued items (at most max_batch, oldest first); any left over get the next."""
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+        if self._queue:
+            self._due = asyncio.get_running_loop().call_soon(self._call)
+        live = [(item, future) for item, future in batch if not future.done()]  # done: its caller cancelled
+        if not live:
+            return
+        self.sizes.append(len(live))
+        for (_, future), (ok, outcome) in zip(live, outcomes(self.fn, [item for item, _ in live]), strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(outcome)
+            else:
+                future.set_exception(outcome)
 
 
 @dataclass(frozen=True)
@@ -168,10 +233,9 @@ class Ask:
     top_k: int
 
 
-def prediction_batcher(predictor, *, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
-                       workers: int = 1) -> Batcher[Ask, Prediction]:
-    """A Batcher over predictor.predict_prepared (a Predictor, or anything shaped like one): one model call per
-    batch under torch.inference_mode, each answer listing its own top_k classes."""
+def predict_asks(predictor) -> Callable[[list[Ask]], list[Prediction]]:
+    """The batch function of a prediction batcher: predictor.predict_prepared (a Predictor, or anything shaped like
+    one) on the asks' views in one model call under torch.inference_mode, each answer listing its own top_k."""
     import torch
 
     def predict(asks: list[Ask]) -> list[Prediction]:
@@ -182,4 +246,11 @@ def prediction_batcher(predictor, *, max_batch: int = MAX_BATCH, max_wait_ms: fl
             answer.top = answer.top[:ask.top_k]
         return answers
 
-    return Batcher(predict, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers, name="model")
+    return predict
+
+
+def prediction_batcher(predictor, *, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
+                       workers: int = 1) -> Batcher[Ask, Prediction]:
+    """A Batcher (model calls in its own threads) over predict_asks(predictor): for callers in many threads."""
+    return Batcher(predict_asks(predictor), max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers,
+                   name="model")

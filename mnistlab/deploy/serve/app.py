@@ -34,15 +34,14 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from mnistlab.deploy.batcher import MAX_BATCH, MAX_WAIT_MS, Ask, Batcher, prediction_batcher
+from mnistlab.deploy.batcher import MAX_BATCH, Ask, LoopBatcher, predict_asks
 from mnistlab.deploy.preprocess import UnreadableImage
-from mnistlab.deploy.serve.inference import NotAPicture, Picture, PictureTooLarge, ServedModel, answer_in_thread
+from mnistlab.deploy.serve.inference import NotAPicture, Picture, PictureTooLarge, ServedModel, answer
 
 MAX_JSON = 64 * 1024  # 784 pixels as JSON are about 4 KiB
 MAX_UPLOAD = 8 * 1024 * 1024  # a phone photo is a few MB; the drawing page sends a few KiB
 FORM_OVERHEAD = 64 * 1024  # a multipart body's boundaries, part headers and `model` field around the picture
-PREPARE_CALLS = 2  # pictures decoded and prepared at once, in worker threads: more would only fight over the cores
-MODEL_CALLS = 1  # model calls at once per model (the batcher's workers): one batch uses every core already
+PREPARE_CALLS = 2  # large pictures (inference.INLINE_PIXELS) prepared at once in worker threads
 READ_TIMEOUT = 10.0  # seconds for a body to arrive in full: a phone photo over a slow link takes ~1 s
 PICTURE_TYPES = ("image/png", "image/jpeg")
 PAGE_HEADERS = {
@@ -100,12 +99,12 @@ class Problem(BaseModel):
 
 @dataclass
 class Served:
-    """What the handlers are given (by Depends): the models by name, the first the default, the limiter their
-    pictures' preparing shares, and each model's batcher."""
+    """What the handlers are given (by Depends): the models by name, the first the default, the limiter that the
+    preparing of large pictures shares, and each model's batcher."""
 
     models: dict[str, ServedModel]
-    limiter: anyio.CapacityLimiter  # the decoding and preparing threads
-    batchers: dict[str, Batcher[Ask, Any]]  # each model's calls, by the model's name
+    limiter: anyio.CapacityLimiter  # the threads that decode and prepare large pictures
+    batchers: dict[str, LoopBatcher[Ask, Any]]  # each model's calls, by the model's name
     max_upload: int  # bytes of a picture
 
 
@@ -272,7 +271,7 @@ async def predict(picture: Annotated[Picture, Depends(read_picture)], s: Annotat
     name = picture.model or model or next(iter(s.models))
     if name not in s.models:
         raise HTTPException(404, f"no model {name!r}; serving {', '.join(s.models)}")
-    result = await answer_in_thread(s.models[name], picture, s.limiter, s.batchers[name])
+    result = await answer(s.models[name], picture, s.limiter, s.batchers[name])
     return PredictionOut(**result.to_dict(), image=result.image.reshape(-1).tolist(), model=name)
 
 
@@ -297,19 +296,17 @@ def _offline_docs(app: FastAPI) -> None:
 
 
 def create_app(models: dict[str, ServedModel], *, max_upload: int = MAX_UPLOAD, max_batch: int = MAX_BATCH,
-               max_wait_ms: float = MAX_WAIT_MS, model_calls: int = MODEL_CALLS,
                prepare_calls: int = PREPARE_CALLS, read_timeout: float = READ_TIMEOUT) -> FastAPI:
     """The app serving these models, already loaded and checked (server.load_models; the first is the default).
-    Each model's calls go through its own batcher (deploy/batcher.py): up to max_batch pictures a call, a queued
-    picture waiting at most max_wait_ms for company, model_calls calls at once; prepare_calls pictures are
-    decoded and prepared at once; a body must arrive within read_timeout seconds."""
+    Each model's calls go through its own LoopBatcher (deploy/batcher.py): up to max_batch pictures a call, made
+    of the requests prepared while the loop was busy; prepare_calls large pictures are decoded and prepared at
+    once in worker threads; a body must arrive within read_timeout seconds."""
     if not models:
         raise ValueError("create_app needs at least one model")
     page = resources.files("mnistlab.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="mnistlab", summary="Draw a picture; see what a trained run makes of it.",
                   docs_url=None, redoc_url=None)
-    batchers = {name: prediction_batcher(model, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=model_calls)
-                for name, model in models.items()}
+    batchers = {name: LoopBatcher(predict_asks(model), max_batch=max_batch) for name, model in models.items()}
     app.state.served = Served(models=dict(models), limiter=anyio.CapacityLimiter(prepare_calls), batchers=batchers,
                               max_upload=max_upload)
     app.add_middleware(LimitBody, picture_limit=max_upload, json_limit=MAX_JSON, read_timeout=read_timeout)

@@ -1,8 +1,12 @@
 """Below the HTTP layer: a request's picture -> the served model's answer.
 
-Decoding and preparing a picture run per request in worker threads (several at once: Pillow and numpy
-release the GIL for most of it); the model call goes through the model's Batcher (deploy/batcher.py), which
-runs a lone request at once and gathers requests that arrive while the model is busy into one call.
+Each server process does its work on its event loop's one thread: a picture of up to INLINE_PIXELS is decoded
+and prepared right there (2-3 ms for a 280x280 drawing), and the model call goes through the model's
+LoopBatcher (deploy/batcher.py), which answers a lone request in the loop's next turn and gathers the requests
+prepared meanwhile into one call. Handing each request to a worker thread and back cost more than it saved:
+the threads share one interpreter lock, so they add no core, only hand-overs (docs/deploy.md, "A server that
+batches"); the second core is used by a second worker process (`--workers 2`). Only a larger picture (a phone
+photo: 8-30 ms) is prepared in a worker thread, so that it does not hold up every other request and /healthz.
 
 Nothing here knows FastAPI: app.py turns these exceptions into status codes, and anything shaped like
 a Predictor (ServedModel: a fake one in the tests) can be served.
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import numpy as np
 
-from mnistlab.deploy.batcher import Ask, Batcher
+from mnistlab.deploy.batcher import Ask, LoopBatcher
 from mnistlab.deploy.preprocess import (
     BLANK_INK,
     Prepared,
@@ -35,6 +39,7 @@ MAX_SIDE = 4096  # pixels a side, read from the header before a picture is decod
 # A JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps both sides >= DRAFT_SIDE (Pillow's
 # draft mode: the DCT skips the detail): a 4032x3024 phone photo becomes 1008x756, plenty for a 20 px box.
 DRAFT_SIDE = 512
+INLINE_PIXELS = 512 * 512  # a picture up to this size is prepared on the event loop (a few ms), a larger in a thread
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
@@ -94,6 +99,18 @@ def decode(data: bytes) -> tuple[np.ndarray, bool]:
         raise UnreadableImage(str(e).split(": ", 1)[-1]) from None
 
 
+def is_small(data: bytes) -> bool:
+    """Whether a PNG or JPEG has at most INLINE_PIXELS, by its header (Pillow reads nothing more: ~25 us); bytes
+    that are not a picture count as small: decoding them fails at once."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
+            return im.width * im.height <= INLINE_PIXELS
+    except Exception:  # not a picture, or a damaged header: decode() says which, in no time
+        return True
+
+
 def model_view(picture: Picture, dataset: str) -> Prepared:
     """The 28x28 view a model of `dataset` sees: the picture prepared by its recipe, or the view as sent."""
     if picture.view is not None:
@@ -102,10 +119,13 @@ def model_view(picture: Picture, dataset: str) -> Prepared:
     return view_of(*decode(picture.data or b""), dataset)
 
 
-async def answer_in_thread(model: ServedModel, picture: Picture, limiter: anyio.CapacityLimiter,
-                           batcher: Batcher[Ask, Prediction]) -> Prediction:
-    """The picture prepared in a worker thread (at most limiter.total_tokens at once; requests beyond wait for a
-    token without holding a thread, so the event loop and /healthz stay free), then its model call through the
-    batcher, every class ranked. `batcher` is prediction_batcher(model)."""
-    prepared = await anyio.to_thread.run_sync(partial(model_view, picture, model.dataset), limiter=limiter)
+async def answer(model: ServedModel, picture: Picture, limiter: anyio.CapacityLimiter,
+                 batcher: LoopBatcher[Ask, Prediction]) -> Prediction:
+    """The picture prepared (on the loop when small, else in a worker thread: at most limiter.total_tokens at
+    once, requests beyond wait for a token without holding a thread), then its model call through the batcher,
+    every class ranked. `batcher` is LoopBatcher(predict_asks(model))."""
+    if picture.data is None or is_small(picture.data):
+        prepared = model_view(picture, model.dataset)
+    else:
+        prepared = await anyio.to_thread.run_sync(partial(model_view, picture, model.dataset), limiter=limiter)
     return await batcher.run(Ask(picture.name, prepared, len(model.classes)))

@@ -1,7 +1,7 @@
 """`mnistlab serve`: bind the port, load and check every run, then hand both to uvicorn.
 
     mnistlab serve runs/digits-mlp [more runs...] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 8]
-                   [--workers 1] [--max-batch 32] [--max-wait-ms 2] [--keep-alive 5] [--read-timeout 10]
+                   [--workers 1] [--max-batch 32] [--keep-alive 5] [--read-timeout 10]
 
 Everything that can fail for a reason the user can fix (a port in use, a folder that is not a finished
 torch-engine training run, a checkpoint that fails its hash) fails here, as one line, before uvicorn
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn  # here, not in run_server: without the serve extra, importing this module is what fails
 
-from mnistlab.deploy.batcher import MAX_BATCH, MAX_WAIT_MS
+from mnistlab.deploy.batcher import MAX_BATCH
 from mnistlab.deploy.serve.app import MAX_UPLOAD, READ_TIMEOUT, create_app
 from mnistlab.errors import UserError
 
@@ -46,7 +46,6 @@ class ServeSettings:
     run_dirs: list[str]
     max_upload: int = MAX_UPLOAD  # bytes of a picture
     max_batch: int = MAX_BATCH  # pictures per model call
-    max_wait_ms: float = MAX_WAIT_MS  # how long a queued picture may wait for company
     workers: int = 1  # server processes
     keep_alive: int = KEEP_ALIVE  # seconds
     read_timeout: float = READ_TIMEOUT  # seconds for a request's body to arrive in full
@@ -117,7 +116,7 @@ def app_for(settings: ServeSettings, models: dict[str, Predictor] | None = None)
     """The app for these settings (the models loaded here unless given)."""
     models = models if models is not None else load_models(settings.run_dirs, **settings.open_options)
     return create_app(models, max_upload=settings.max_upload, max_batch=settings.max_batch,
-                      max_wait_ms=settings.max_wait_ms, read_timeout=settings.read_timeout)
+                      read_timeout=settings.read_timeout)
 
 
 def app_from_environment() -> FastAPI:
