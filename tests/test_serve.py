@@ -185,13 +185,13 @@ def test_small_pictures_are_prepared_on_the_loop_and_large_ones_in_threads(monke
     """A 280x280 drawing is prepared on the event loop's thread (no hand-over); a picture over INLINE_PIXELS in
     a worker thread, so that it does not hold up the other requests."""
     threads: list[str] = []
-    prepare = inference.model_view
+    prepare = inference.prepare_opened
 
-    def watched(picture, dataset):
+    def watched(im, dataset):
         threads.append(threading.current_thread().name)
-        return prepare(picture, dataset)
+        return prepare(im, dataset)
 
-    monkeypatch.setattr(inference, "model_view", watched)
+    monkeypatch.setattr(inference, "prepare_opened", watched)
     side = int(inference.INLINE_PIXELS ** 0.5) + 1
     with TestClient(create_app({"fake": FakeModel()})) as c:
         assert upload(c, drawn(a_seven())).status_code == 200
@@ -207,15 +207,15 @@ def test_healthz_answers_while_large_pictures_are_being_prepared(monkeypatch):
     import anyio
 
     gate, running, lock = threading.Event(), [0], threading.Lock()
-    prepare = inference.model_view
+    prepare = inference.prepare_opened
 
-    def held(picture, dataset):
+    def held(im, dataset):
         with lock:
             running[0] += 1
         gate.wait(10)
-        return prepare(picture, dataset)
+        return prepare(im, dataset)
 
-    monkeypatch.setattr(inference, "model_view", held)
+    monkeypatch.setattr(inference, "prepare_opened", held)
     side = int(inference.INLINE_PIXELS ** 0.5) + 1
     big = png_bytes(Image.fromarray(255 - a_seven()).resize((side, side), Image.Resampling.BILINEAR))
     model = FakeModel()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -28,11 +27,12 @@ from mnistlab.deploy.preprocess import (
     Prepared,
     UnreadableImage,
     ink_from_image,
-    load_ink,
     view_of,
 )
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from mnistlab.deploy.predict import Prediction
 
 MAX_SIDE = 4096  # pixels a side, read from the header before a picture is decoded
@@ -73,42 +73,42 @@ class Picture:
     model: str | None = None
 
 
-def decode(data: bytes) -> tuple[np.ndarray, bool]:
-    """(ink, inverted) of PNG or JPEG bytes: the format and the header's size checked first, a JPEG decoded reduced
-    (draft mode) and in grey."""
+def open_picture(data: bytes) -> Image.Image:
+    """PNG or JPEG bytes opened (Pillow reads the header only, ~25 us), the format and the size checked."""
     from PIL import Image, UnidentifiedImageError
 
     if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
         raise NotAPicture("send a PNG or JPEG picture")
     try:
-        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:  # reads the header only
-            if im.width > MAX_SIDE or im.height > MAX_SIDE:
-                raise PictureTooLarge(f"the picture is {im.width}x{im.height}; at most {MAX_SIDE}x{MAX_SIDE}")
-            if im.format == "JPEG":  # no alpha channel: the grey levels are all there is
-                im.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
-                return ink_from_image(im)
+        im = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))
     except Image.DecompressionBombError:
         raise PictureTooLarge(f"the picture is too large (at most {MAX_SIDE}x{MAX_SIDE})") from None
     except UnidentifiedImageError:  # its message would show the BytesIO's repr
         raise UnreadableImage("not a readable PNG or JPEG picture (Pillow cannot read its header)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UnreadableImage(f"not a readable PNG or JPEG picture ({e})") from None
-    try:
-        return load_ink(io.BytesIO(data))  # a PNG's ink may be in its alpha channel; load_ink knows
-    except UnreadableImage as e:  # damaged data: the message without the BytesIO's repr in front
-        raise UnreadableImage(str(e).split(": ", 1)[-1]) from None
+    if im.width > MAX_SIDE or im.height > MAX_SIDE:
+        im.close()
+        raise PictureTooLarge(f"the picture is {im.width}x{im.height}; at most {MAX_SIDE}x{MAX_SIDE}")
+    return im
 
 
-def is_small(data: bytes) -> bool:
-    """Whether a PNG or JPEG has at most INLINE_PIXELS, by its header (Pillow reads nothing more: ~25 us); bytes
-    that are not a picture count as small: decoding them fails at once."""
-    from PIL import Image
+def decode_opened(im: Image.Image) -> tuple[np.ndarray, bool]:
+    """(ink, inverted) of an opened picture: a JPEG decoded reduced (draft mode) and in grey, a PNG whole (its ink
+    may be in its alpha channel: ink_from_image knows)."""
+    with im:
+        try:
+            if im.format == "JPEG":  # no alpha channel: the grey levels are all there is
+                im.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
+            im.load()
+        except (OSError, SyntaxError, ValueError) as e:  # damaged data
+            raise UnreadableImage(f"not a readable PNG or JPEG picture ({e})") from None
+        return ink_from_image(im)
 
-    try:
-        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
-            return im.width * im.height <= INLINE_PIXELS
-    except Exception:  # not a picture, or a damaged header: decode() says which, in no time
-        return True
+
+def decode(data: bytes) -> tuple[np.ndarray, bool]:
+    """(ink, inverted) of PNG or JPEG bytes: the format and the header's size checked first, then decoded."""
+    return decode_opened(open_picture(data))
 
 
 def model_view(picture: Picture, dataset: str) -> Prepared:
@@ -124,8 +124,16 @@ async def answer(model: ServedModel, picture: Picture, limiter: anyio.CapacityLi
     """The picture prepared (on the loop when small, else in a worker thread: at most limiter.total_tokens at
     once, requests beyond wait for a token without holding a thread), then its model call through the batcher,
     every class ranked. `batcher` is LoopBatcher(predict_asks(model))."""
-    if picture.data is None or is_small(picture.data):
+    if picture.data is None:
         prepared = model_view(picture, model.dataset)
     else:
-        prepared = await anyio.to_thread.run_sync(partial(model_view, picture, model.dataset), limiter=limiter)
+        im = open_picture(picture.data)  # the header: its size says where to prepare it
+        if im.width * im.height <= INLINE_PIXELS:
+            prepared = prepare_opened(im, model.dataset)
+        else:
+            prepared = await anyio.to_thread.run_sync(prepare_opened, im, model.dataset, limiter=limiter)
     return await batcher.run(Ask(picture.name, prepared, len(model.classes)))
+
+
+def prepare_opened(im: Image.Image, dataset: str) -> Prepared:
+    return view_of(*decode_opened(im), dataset)
