@@ -108,7 +108,9 @@ class Served:
     max_upload: int  # bytes of a picture
 
 
-def served(request: Request) -> Served:
+async def served(request: Request) -> Served:
+    # async, though it awaits nothing: FastAPI runs a plain `def` dependency in a worker thread, a hand-over
+    # to another thread and back for every request
     return request.app.state.served
 
 
