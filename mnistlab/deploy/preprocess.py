@@ -97,41 +97,48 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     furthest from the background surface, as a share of the way from the paper to black (or white)."""
     grey = np.asarray(grey, dtype=np.float32)
     fit = _fit_background(grey)
-    flat = fit is None or _is_flat(fit[0])
-    factors = None if flat else _surface_factors(fit[0], *grey.shape)
+    # the surface lies within level +- reach at every pixel (|x|, |y| <= 1): bounds known without making it
+    level, reach = (_border_level(grey), 0.0) if fit is None else (float(fit[0][0]), _reach(fit[0]))
+    lowest, highest = level - reach, level + reach
+    flat = reach <= FLAT
     # a flat paper (a small picture's border level, or a surface without slope, as a digital canvas's white is)
     # is one number: no (H, W) surface to make, and the arithmetic below broadcasts it
-    background = (_border_level(grey) if fit is None else float(fit[0][0])) if flat else factors[0] @ factors[1]
-    inverted = _polarity(grey, background, fit, factors)
+    background = level if flat else np.matmul(*_surface_factors(fit[0], *grey.shape))  # float or (H, W)
+    inverted = _polarity(grey, background, fit, (lowest, highest))
     # how far each pixel goes from the paper towards full ink, as a share of the room there is: where less
     # light falls the strokes are darker by less (the paper's reflectance times the light), and a stroke
     # must read the same across the sheet (floored: a near-black paper's noise is not ink). In place: at a
     # photo's size each full-resolution copy costs more than the arithmetic.
-    ink = np.subtract(background, grey) if inverted else np.subtract(grey, background)  # (H, W) float32
     if flat:  # one number: a Python float, so the division stays in float32
         room = max(background if inverted else 1.0 - background, MIN_ROOM)
-    elif inverted:
-        room = np.maximum(background, MIN_ROOM, out=background)
+        ink = np.subtract(background, grey) if inverted else np.subtract(grey, background)  # (H, W)
+        ink /= room
+    elif inverted and lowest > MIN_ROOM + ROUNDING:
+        # the floor cannot bind, so the room is the surface itself and (S - grey) / S = 1 - grey / S: made in
+        # the surface's own array, two passes and no new (H, W) array (a fresh one costs its page faults)
+        ink = np.subtract(1.0, np.divide(grey, background, out=background), out=background)
     else:
-        room = np.maximum(np.subtract(1.0, background, out=background), MIN_ROOM, out=background)
-    np.divide(ink, room, out=ink)
+        ink = np.subtract(background, grey) if inverted else np.subtract(grey, background)  # (H, W)
+        room = background if inverted else np.subtract(1.0, background, out=background)
+        np.divide(ink, np.maximum(room, MIN_ROOM, out=room), out=ink)
     return np.clip(ink, 0.0, 1.0, out=ink), inverted
 
 
-FLAT = 1e-6  # a surface whose slopes move it by less than this over the picture is flat (a grey level is 1/255)
+FLAT = 1e-6  # a surface that departs less than this from its level is flat (a grey level is 1/255)
+ROUNDING = 1e-6  # how far the float32 surface may lie from its exact values (a few units in the last place)
 
 
-def _is_flat(coef: np.ndarray) -> bool:
-    """Whether the quadratic a + bx + cy + dx^2 + exy + fy^2 stays within FLAT of a on the picture: |x|, |y| <= 1,
-    so it departs from a by at most |b| + |c| + |d| + |e| + |f|."""
-    return float(np.abs(coef[1:]).sum()) <= FLAT
+def _reach(coef: np.ndarray) -> float:
+    """How far the quadratic a + bx + cy + dx^2 + exy + fy^2 may depart from a on the picture: |x|, |y| <= 1, so
+    by at most |b| + |c| + |d| + |e| + |f|."""
+    return float(np.abs(coef[1:]).sum())
 
 
 def _polarity(grey: np.ndarray, background: np.ndarray | float, fit: tuple[np.ndarray, np.ndarray] | None,
-              factors: tuple[np.ndarray, np.ndarray] | None) -> bool:
+              span: tuple[float, float]) -> bool:
     """Whether the ink is darker than the paper: the side whose area means of grey - background (on the
     background's grid: a lone speck is not ink) depart furthest from it; when neither stands out, the border's
-    level decides."""
+    level decides. span: the background's (least, greatest) value."""
     darker = lighter = None
     if fit is not None:
         # The area means are linear: those of the residual are the grid's grey (already made for the fit) less
@@ -143,11 +150,11 @@ def _polarity(grey: np.ndarray, background: np.ndarray | float, fit: tuple[np.nd
         gh, gw = small_grey.shape
         h, w = grey.shape
         # a flat surface's area means are its level; a sloping one's are [1, y, y^2]'s area means . Q . [1, x, x^2]'s
-        small_surface = (background if factors is None
+        small_surface = (background if isinstance(background, float)
                          else _powers(h, gh) @ _coefficients(fit[0]) @ _powers(w, gw).T)  # (gh, gw)
         small = small_grey - small_surface
         darker, lighter = -float(small.min()), float(small.max())
-        slack = 2 * max(float(np.max(background)) - 1.0, -float(np.min(background)), 0.0) + 1e-5
+        slack = 2 * max(span[1] - 1.0, -span[0], 0.0) + 1e-5
         gap = abs(darker - lighter)
         if abs(gap - BLANK_INK / 2) <= slack or gap <= slack:
             darker = lighter = None
@@ -187,20 +194,29 @@ def _design(gh: int, gw: int) -> np.ndarray:
     return design
 
 
+# The quadratic's terms as powers (of x, of y), in _design's order, and the 15 distinct products of two terms:
+# the monomials x^i y^j of degree at most 4
+TERMS = ((0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2))
+MOMENTS = tuple((i, j) for i in range(5) for j in range(5 - i))
+
+
 @cache
-def _band(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A gh x gw grid's outer band: its flat indices (n,) row-major, the quadratic's terms there (n, 6) and each
-    pixel's products of terms (n, 36), so that the normal equations of any subset are two matrix-vector
-    products. Read-only."""
+def _band(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A gh x gw grid's outer band: its flat indices (n,) row-major, the quadratic's terms there transposed (6, n)
+    (contiguous: a weighted sum of its rows is one fast product), the 15 monomials of degree <= 4 there (n, 15)
+    and where each entry of the 6x6 normal matrix is among those 15 (6, 6): the normal matrix of any subset of
+    pixels is (the subset's sums of the 15 monomials)[pairs]. Read-only."""
     band = max(2, round(BACKGROUND_BAND * min(gh, gw)))
     in_band = np.ones((gh, gw), dtype=bool)
     in_band[band:-band, band:-band] = False
     index = np.flatnonzero(in_band)
-    design = _design(gh, gw)[index]
-    products = (design[:, :, None] * design[:, None, :]).reshape(len(index), 36)
-    for a in (index, design, products):
+    design_t = np.ascontiguousarray(_design(gh, gw)[index].T)  # (6, n)
+    x, y = design_t[1], design_t[2]
+    moments = np.stack([x**i * y**j for i, j in MOMENTS], axis=1)  # (n, 15)
+    pairs = np.array([[MOMENTS.index((p[0] + q[0], p[1] + q[1])) for q in TERMS] for p in TERMS])  # (6, 6)
+    for a in (index, design_t, moments, pairs):
         a.flags.writeable = False
-    return index, design, products
+    return index, design_t, moments, pairs
 
 
 def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -213,7 +229,7 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     gh, gw = _grid_shape(grey.shape)
     small = _area_mean(grey, gh, gw)  # (gh, gw)
-    index, design, products = _band(gh, gw)  # (n,), (n, 6), (n, 36)
+    index, design_t, moments, pairs = _band(gh, gw)  # (n,), (6, n), (n, 15), (6, 6)
     values = small.ravel()[index].astype(np.float64)  # (n,)
     # start from the band's median, not from a least-squares fit that a large item reaching the band would
     # drag towards itself: the paper is the band's majority, the item's pixels lie far from it
@@ -224,13 +240,13 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         # six unknowns: the normal equations (6x6) of the kept pixels are exact enough here and a fraction
         # of lstsq's cost
         weight = keep.astype(np.float64)  # (n,) 1 where kept
-        coef = np.linalg.solve((weight @ products).reshape(6, 6), (weight * values) @ design)
-        off = np.abs(values - design @ coef)  # (n,) each pixel's distance from the surface, made once
+        coef = np.linalg.solve((weight @ moments)[pairs], design_t @ (weight * values))
+        off = np.abs(values - coef @ design_t)  # (n,) each pixel's distance from the surface, made once
         spread = 1.4826 * _median(off[keep])  # MAD: the noise's sigma, unmoved by ink
         inliers = off <= max(3 * spread, 0.02)
-        if inliers.sum() < 2 * design.shape[1]:
+        if np.count_nonzero(inliers) < 2 * len(TERMS):
             break  # too few left to fit six numbers: keep the last surface
-        if np.array_equal(inliers, keep):
+        if (inliers == keep).all():
             break  # converged: the next fit would be this one again
         keep = inliers
     return coef, small
