@@ -89,7 +89,9 @@ def ink_from_image(im: Image.Image) -> tuple[np.ndarray, bool]:
             # a transparent canvas: the ink is where the alpha is, whatever its colour
             return alpha, False
     # an opaque picture, or one evenly transparent: its luminance (Pillow's "L"), as an eye sees the colours
-    return ink_from_grey(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
+    # (an "L" picture is read as it is, not copied by convert first); scaled to [0, 1] in its own array
+    grey = np.array(im if im.mode == "L" else im.convert("L"), dtype=np.float32)  # (H, W)
+    return ink_from_grey(np.divide(grey, 255.0, out=grey))
 
 
 def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -203,20 +205,20 @@ MOMENTS = tuple((i, j) for i in range(5) for j in range(5 - i))
 @cache
 def _band(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A gh x gw grid's outer band: its flat indices (n,) row-major, the quadratic's terms there transposed (6, n)
-    (contiguous: a weighted sum of its rows is one fast product), the 15 monomials of degree <= 4 there (n, 15)
-    and where each entry of the 6x6 normal matrix is among those 15 (6, 6): the normal matrix of any subset of
-    pixels is (the subset's sums of the 15 monomials)[pairs]. Read-only."""
+    (contiguous rows: a weighted sum over pixels is one fast product), the 15 monomials of degree <= 4 there
+    (15, n), likewise, and where each entry of the 6x6 normal matrix is among those 15 (6, 6): the normal matrix
+    of any subset of pixels is (the subset's sums of the 15 monomials)[pairs]. Read-only."""
     band = max(2, round(BACKGROUND_BAND * min(gh, gw)))
     in_band = np.ones((gh, gw), dtype=bool)
     in_band[band:-band, band:-band] = False
     index = np.flatnonzero(in_band)
     design_t = np.ascontiguousarray(_design(gh, gw)[index].T)  # (6, n)
     x, y = design_t[1], design_t[2]
-    moments = np.stack([x**i * y**j for i, j in MOMENTS], axis=1)  # (n, 15)
+    moments_t = np.stack([x**i * y**j for i, j in MOMENTS])  # (15, n), each monomial's row contiguous
     pairs = np.array([[MOMENTS.index((p[0] + q[0], p[1] + q[1])) for q in TERMS] for p in TERMS])  # (6, 6)
-    for a in (index, design_t, moments, pairs):
+    for a in (index, design_t, moments_t, pairs):
         a.flags.writeable = False
-    return index, design_t, moments, pairs
+    return index, design_t, moments_t, pairs
 
 
 def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -229,7 +231,7 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     gh, gw = _grid_shape(grey.shape)
     small = _area_mean(grey, gh, gw)  # (gh, gw)
-    index, design_t, moments, pairs = _band(gh, gw)  # (n,), (6, n), (n, 15), (6, 6)
+    index, design_t, moments_t, pairs = _band(gh, gw)  # (n,), (6, n), (15, n), (6, 6)
     values = small.ravel()[index].astype(np.float64)  # (n,)
     # start from the band's median, not from a least-squares fit that a large item reaching the band would
     # drag towards itself: the paper is the band's majority, the item's pixels lie far from it
@@ -240,7 +242,7 @@ def _fit_background(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         # six unknowns: the normal equations (6x6) of the kept pixels are exact enough here and a fraction
         # of lstsq's cost
         weight = keep.astype(np.float64)  # (n,) 1 where kept
-        coef = np.linalg.solve((weight @ moments)[pairs], design_t @ (weight * values))
+        coef = np.linalg.solve((moments_t @ weight)[pairs], design_t @ (weight * values))
         off = np.abs(values - coef @ design_t)  # (n,) each pixel's distance from the surface, made once
         spread = 1.4826 * _median(off[keep])  # MAD: the noise's sigma, unmoved by ink
         inliers = off <= max(3 * spread, 0.02)
@@ -382,9 +384,12 @@ def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
     if found is None:
         return np.zeros((28, 28), dtype=np.uint8), True
     (top, bottom, left, right), background, peak = found
+    # the paper at 0: max(crop - background, 0) = max(crop, background) - background, and the area means are
+    # linear, so the background is taken from the 28x28 means below rather than from every pixel; an ink map is
+    # >= 0, so a background at 0 needs no pass at all
     crop = ink[top:bottom, left:right]  # (h, w), a view
-    if background != 0:  # the paper at 0 (an ink map is >= 0, so a border at 0 needs no copy)
-        crop = np.maximum(crop - background, 0.0)
+    if background > 0:
+        crop = np.maximum(crop, np.float32(background))
     h, w = crop.shape
     side = 28 if convention == "fashion" else 20
     scale = side / max(h, w)
@@ -393,7 +398,7 @@ def to_model_input(ink: np.ndarray, convention: str) -> tuple[np.ndarray, bool]:
     # linear, so on nh x nw pixels rather than the crop's)
     # the crop's peak is the ink's, less the background (the peak lies in the box): no pass over the crop
     crop_peak = float(np.float32(peak) - np.float32(background))
-    small = _area_mean(crop, nh, nw) / max(crop_peak, 1e-6)
+    small = (_area_mean(crop, nh, nw) - np.float32(background)) / max(crop_peak, 1e-6)
     field = np.zeros((28, 28), dtype=np.float32)
     if convention == "mnist":
         # paste so that the centre of mass lands at the field's centre (13.5, 13.5), by whole pixels
