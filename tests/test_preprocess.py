@@ -485,3 +485,67 @@ def test_very_faint_pencil_on_grey_paper_is_ink_and_near_black_paper_noise_is_no
     assert inverted and _ink_box(ink)[0] == (20, 40, 20, 40)
     noise = 0.05 + 0.03 * np.random.default_rng(1).random((100, 100))  # a nearly black sheet's grain
     assert to_model_input(preprocess.ink_from_grey(noise)[0], "mnist")[1]
+
+
+def _pillow_box(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pillow's own BOX resize of a float32 array, the reference preprocess._area_mean reproduces."""
+    image = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
+    return np.asarray(image.resize((width, height), resample=Image.Resampling.BOX), dtype=np.float32)
+
+
+# (input side, output sides): every side 1..100, then larger ones up to 4096, each to sizes it is made at (the
+# 64 px background grid, the 28 and 20 px views, odd ratios) and, for the small ones, enlarged (a tiny crop)
+BOX_SIZES = [(n, sorted({1, 2, 3, 7, 20, 28, 63, 64, n, n + 1, 2 * n + 3})) for n in range(1, 101)] + [
+    (n, [1, 3, 20, 21, 28, 48, 64]) for n in (127, 255, 256, 280, 333, 511, 600, 1000, 1023, 1200, 1600, 2047, 4096)]
+
+
+def test_area_mean_equals_pillows_box_resize_for_every_size_and_ratio():
+    """The matrix-product resample gives Pillow's BOX values to float rounding: integer and non-integer ratios,
+    shrinking and enlarging, rows and columns (a 2-D call resamples both)."""
+    rng = np.random.default_rng(0)
+    for n, outs in BOX_SIZES:
+        for m in outs:
+            rows = rng.random((n, 3), dtype=np.float32)  # resampled along its n rows
+            cols = rng.random((2, n), dtype=np.float32)  # and along its n columns
+            assert np.abs(preprocess._area_mean(rows, m, 3) - _pillow_box(rows, m, 3)).max() <= 1e-6, (n, m)
+            assert np.abs(preprocess._area_mean(cols, 2, m) - _pillow_box(cols, 2, m)).max() <= 1e-6, (n, m)
+    photo = rng.random((1200, 1600), dtype=np.float32)
+    assert np.abs(preprocess._area_mean(photo, 48, 64) - _pillow_box(photo, 48, 64)).max() <= 1e-6
+
+
+def test_the_fits_normal_matrix_from_monomial_sums_is_the_terms_gram_matrix():
+    index, design_t, moments_t, pairs = preprocess._band(64, 48)
+    weight = (np.random.default_rng(1).random(len(index)) > 0.3).astype(np.float64)  # a subset of the band
+    assert np.allclose((moments_t @ weight)[pairs], (design_t * weight) @ design_t.T, rtol=1e-12, atol=1e-9)
+
+
+def test_the_surfaces_reach_bounds_it_and_a_flat_paper_is_one_number():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        coef = rng.normal(0, 0.3, 6)
+        rows, cols = preprocess._surface_factors(coef, 37, 53)
+        assert np.abs(rows @ cols - coef[0]).max() <= preprocess._reach(coef) + 1e-6
+    grey = np.full((100, 120), 0.9, np.float32)
+    grey[40:60, 50:70] = 0.3
+    ink, inverted = preprocess.ink_from_grey(grey)
+    # dark on a flat paper of 0.9: the square is (0.9 - 0.3) / 0.9 of the way to black, the rest is paper
+    assert inverted and ink[50, 60] == pytest.approx(0.6 / 0.9, abs=1e-5) and ink[5, 5] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_view_of_ink_on_a_grey_background_is_the_area_mean_of_the_ink_above_it():
+    """to_model_input takes the background from the 28x28 means, not from every pixel: the same view as
+    Pillow's resize of max(crop - background, 0), scaled to its peak."""
+    rng = np.random.default_rng(3)
+    ink = np.full((90, 70), 0.2, np.float32)
+    ink[10:80, 15:50] = 0.2 + 0.8 * rng.random((70, 35), dtype=np.float32)
+    (top, bottom, left, right), background = _ink_box(ink)
+    crop = np.maximum(ink[top:bottom, left:right] - background, 0.0)
+    h, w = crop.shape
+    nh, nw = max(1, round(h * 28 / max(h, w))), max(1, round(w * 28 / max(h, w)))
+    small = _pillow_box(crop, nh, nw) / crop.max()
+    y0, x0 = round(13.5 - (nh - 1) / 2), round(13.5 - (nw - 1) / 2)
+    expected = np.zeros((28, 28), np.float32)
+    expected[y0 : y0 + nh, x0 : x0 + nw] = small
+    view, blank = to_model_input(ink, "fashion")
+    assert not blank
+    assert np.abs(view.astype(int) - np.rint(expected * 255).astype(int)).max() <= 1
