@@ -11,6 +11,7 @@ mnistlab.deploy.serve.inference.decode and preprocess.view_of:
 - background: preprocess._background, the paper's surface;
 - ink: the rest of ink_from_grey (the residual, its polarity, the ink as a share of the room);
 - view: to_model_input, the ink box, its area resize and the paste into 28x28 (Fashion-MNIST's recipe);
+- after decoding: ink_from_grey + to_model_input, all the preparation that is this project's code;
 - end to end: decode() + view_of(), what a served request costs before the model.
 
 Each figure is the median of --repeats timed calls, after a warm-up call.
@@ -92,6 +93,8 @@ def stages(name: str, data: bytes, repeats: int) -> None:
         "ink (ink_from_grey less the background)": ms(lambda: preprocess.ink_from_grey(grey), repeats)
         - ms(lambda: preprocess._background(grey), repeats),
         "view (to_model_input, fashion)": ms(lambda: preprocess.to_model_input(ink, "fashion"), repeats),
+        "after decoding: ink_from_grey + to_model_input": ms(
+            lambda: preprocess.to_model_input(preprocess.ink_from_grey(grey)[0], "fashion"), repeats),
         "end to end: decode() + view_of()": ms(lambda: preprocess.view_of(*decode(data), "fashion-mnist"), repeats),
     }
     del background, inverted

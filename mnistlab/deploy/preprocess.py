@@ -49,6 +49,8 @@ BACKGROUND_GRID = 64
 BACKGROUND_BAND = 0.12
 MIN_SURFACE_SIDE = 32
 MIN_ROOM = 0.2  # the least contrast (paper to black, or to white) ink is measured against
+FLAT = 1e-6  # a surface that departs less than this from its level is flat (a grey level is 1/255)
+ROUNDING = 1e-6  # how far the float32 surface may lie from its exact values (a few units in the last place)
 
 
 class UnreadableImage(ValueError):
@@ -117,7 +119,7 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
         ink /= room
     elif inverted and lowest > MIN_ROOM + ROUNDING:
         # the floor cannot bind, so the room is the surface itself and (S - grey) / S = 1 - grey / S: made in
-        # the surface's own array, two passes and no new (H, W) array (a fresh one costs its page faults)
+        # the surface's own array, two passes and no new (H, W) array
         ink = np.subtract(1.0, np.divide(grey, background, out=background), out=background)
     else:
         ink = np.subtract(background, grey) if inverted else np.subtract(grey, background)  # (H, W)
@@ -125,9 +127,6 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
         np.divide(ink, np.maximum(room, MIN_ROOM, out=room), out=ink)
     return np.clip(ink, 0.0, 1.0, out=ink), inverted
 
-
-FLAT = 1e-6  # a surface that departs less than this from its level is flat (a grey level is 1/255)
-ROUNDING = 1e-6  # how far the float32 surface may lie from its exact values (a few units in the last place)
 
 
 def _reach(coef: np.ndarray) -> float:
@@ -140,7 +139,7 @@ def _polarity(grey: np.ndarray, background: np.ndarray | float, fit: tuple[np.nd
               span: tuple[float, float]) -> bool:
     """Whether the ink is darker than the paper: the side whose area means of grey - background (on the
     background's grid: a lone speck is not ink) depart furthest from it; when neither stands out, the border's
-    level decides. span: the background's (least, greatest) value."""
+    level decides. span: bounds (least, greatest) on the background's values."""
     darker = lighter = None
     if fit is not None:
         # The area means are linear: those of the residual are the grid's grey (already made for the fit) less
@@ -316,7 +315,7 @@ def _box_rows(a: np.ndarray, n_out: int) -> np.ndarray:
 BOX_BLOCK = 8  # output rows per matrix product in _box_rows: fewer calls against fewer multiplications by zero
 
 
-@lru_cache(maxsize=128)  # a few sizes recur (the grid, the page's canvas); at most 64 x 4096 float32 each
+@lru_cache(maxsize=128)  # a few sizes recur (the grid, the page's canvas); each about BOX_BLOCK x n_in float32
 def _box_weights(n_in: int, n_out: int) -> list[tuple[int, int, int, int, np.ndarray]]:
     """Pillow's BOX resample from n_in to n_out pixels (its precompute_coeffs, in the same double arithmetic) as
     blocks (first, last, lo, hi, weights (last - first, hi - lo) float32): output pixels first..last-1 are
