@@ -209,17 +209,16 @@ def measure(args: argparse.Namespace) -> None:
 # --- the same work without HTTP -----------------------------------------------------------------------------
 
 def in_process(args: argparse.Namespace) -> None:
-    """Decoding and preparing, the model alone, and both through the batcher, in this process: per picture."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Decoding and preparing, the model alone, both as a server process does them, and the whole app over ASGI,
+    in this process: per picture."""
     import torch
 
-    from mnistlab.deploy.batcher import Ask, prediction_batcher
     from mnistlab.deploy.predict import Predictor
     from mnistlab.deploy.serve.inference import Picture, model_view
     from mnistlab.deploy.serve.server import one_blas_thread
 
     one_blas_thread()  # as the server does
+    torch.set_num_threads(1)  # one core's worth, as each process of `--workers 2` on 2 cores
     pngs, _ = pictures(args.run_dir, n=64)
     options = dict(runtime=args.runtime) if args.runtime else {}
     predictor = Predictor.open(args.run_dir, warn_uncalibrated=False, **options)
@@ -245,19 +244,55 @@ def in_process(args: argparse.Namespace) -> None:
         timed("model, batch of 1", lambda i: predictor.predict_prepared([("p", views[i % 64])], top_k=k), 400)
         timed("model, batches of 32 (per picture)",
               lambda i: predictor.predict_prepared([("p", v) for v in views[:32]], top_k=k), 100, 32)
-    for threads in (1, 2):
-        with prediction_batcher(predictor) as batcher, ThreadPoolExecutor(threads) as pool:
-            def one(png: bytes):
-                return batcher(Ask("p", prepare(png), k))
+    # what one server process does, without HTTP: callers on one event loop, each preparing its picture there and
+    # awaiting the model through a LoopBatcher (inference.answer); then the same through the whole app over ASGI
+    from mnistlab.deploy.serve.app import create_app
+    from mnistlab.deploy.serve.inference import answer
 
-            list(pool.map(one, pngs))
-            n = 1024
-            t0 = time.perf_counter()
-            list(pool.map(one, (pngs[i % 64] for i in range(n))))
-            per = (time.perf_counter() - t0) / n
-            sizes = batcher.sizes[64:] or [1]
-        print(f"| decode + prepare in {threads} thread(s), model through the batcher (mean batch "
-              f"{statistics.mean(sizes):.1f}) | {per * 1000:.2f} | {1 / per:,.0f} |", flush=True)
+    app = create_app({"m": predictor})
+    served = app.state.served
+
+    async def through(callers: int, n: int, via_app: bool) -> tuple[float, list[int]]:
+        todo = iter(range(n))
+
+        async def caller() -> None:
+            for i in todo:
+                if via_app:
+                    await _asgi_post(app, pngs[i % 64])
+                else:
+                    await answer(predictor, Picture("p", pngs[i % 64]), served.limiter, served.batchers["m"])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        return (time.perf_counter() - t0) / n, served.batchers["m"].sizes
+
+    for via_app, what in ((False, "prepare + model through the LoopBatcher, no HTTP"),
+                          (True, "the whole app over ASGI in process (no sockets)")):
+        for callers in (1, 32):
+            asyncio.run(through(callers, 64, via_app))  # warm-up
+            served.batchers["m"].sizes.clear()
+            per, sizes = asyncio.run(through(callers, 1024, via_app))
+            print(f"| {what}, {callers} concurrent (mean batch {statistics.mean(sizes or [1]):.1f}) "
+                  f"| {per * 1000:.2f} | {1 / per:,.0f} |", flush=True)
+
+
+async def _asgi_post(app, body: bytes) -> None:
+    """POST body as image/png to /api/predict by calling the ASGI app directly: the app's own cost, no sockets."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/predict", "raw_path": b"/api/predict",
+             "query_string": b"", "headers": [(b"content-type", b"image/png"),
+                                              (b"content-length", str(len(body)).encode())],
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+             "root_path": ""}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 200, sent
 
 
 # --- the load mix -------------------------------------------------------------------------------------------
