@@ -1,6 +1,6 @@
 """Load on `mnistlab serve`, measured with wrk beside a bare endpoint on the same stack, and the load mix.
 
-    python bench/serve_load.py RUN_DIR [--seconds 10] [--connections 1,8,32,128]
+    python bench/serve_load.py RUN_DIR [--seconds 10] [--connections 1,8,32,128] [--repeats 1]
                                [--servers bare,torch,torch-b1,onnxruntime,onnxruntime-b1] [--workers 1]
     python bench/serve_load.py RUN_DIR --in-process     # the same preprocessing and model, no HTTP
     python bench/serve_load.py RUN_DIR --mix 60          # 128 connections: valid, malformed, oversized, slow
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,25 +185,50 @@ def wrk(url: str, picture: Path, connections: int, seconds: float) -> dict:
 
 
 def measure(args: argparse.Namespace) -> None:
+    """Every server started first (idle ones take no CPU), then the rows measured in rounds: in each round every
+    connection count, and for each count every server one after the other. A slow spell of a shared machine then
+    falls on the bare endpoint and on the others alike, and each round gives its own ratio to bare; the summary
+    gives the medians over the rounds."""
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     pngs, _ = pictures(args.run_dir, n=1)
     connections = [int(c) for c in args.connections.split(",")]
     extra = args.serve_args.split() if args.serve_args else []
-    with tempfile.TemporaryDirectory() as tmp:
+    kinds = args.servers.split(",")
+    results: dict[tuple[str, int], list[dict]] = {(kind, c): [] for kind in kinds for c in connections}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         picture = Path(tmp) / "picture.png"
         picture.write_bytes(pngs[0])
-        print("| server | workers | connections | requests/s | p50 ms | p99 ms | errors | RSS MiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for kind in args.servers.split(","):
+        urls, pids = {}, {}
+        for kind in kinds:
             port = free_port()
-            url = f"http://127.0.0.1:{port}/api/predict"
-            with running(server_command(kind, args.run_dir, port, args.workers, extra), port) as server:
-                wrk(url, picture, 8, 2)  # warm-up: first calls, thread pools, allocator
-                for c in connections:
-                    r = wrk(url, picture, c, args.seconds)
-                    print(f"| {kind} | {args.workers} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-                          f"| {r['errors']} | {rss_mib(server.pid):.0f} |", flush=True)
+            urls[kind] = f"http://127.0.0.1:{port}/api/predict"
+            pids[kind] = servers.enter_context(running(server_command(kind, args.run_dir, port, args.workers, extra),
+                                                       port)).pid
+            wrk(urls[kind], picture, 8, 2)  # warm-up: first calls, thread pools, allocator
+        print("| round | server | workers | connections | requests/s | p50 ms | p99 ms | errors | RSS MiB |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for round_ in range(1, args.repeats + 1):
+            for c in connections:
+                for kind in kinds:
+                    r = wrk(urls[kind], picture, c, args.seconds)
+                    r["rss"] = rss_mib(pids[kind])
+                    results[kind, c].append(r)
+                    print(f"| {round_} | {kind} | {args.workers} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.1f} "
+                          f"| {r['p99_ms']:.1f} | {r['errors']} | {r['rss']:.0f} |", flush=True)
+    print(f"\nmedians over {args.repeats} round(s); x bare: the median of each round's ratio to the bare endpoint")
+    print("| server | workers | connections | requests/s | x bare | p50 ms | p99 ms | errors | RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in kinds:
+        for c in connections:
+            rows = results[kind, c]
+            ratio = ""
+            if "bare" in kinds:
+                ratios = [r["rps"] / b["rps"] for r, b in zip(rows, results["bare", c], strict=True)]
+                ratio = f"{statistics.median(ratios):.3f}"
+            rps, p50, p99 = (statistics.median(r[key] for r in rows) for key in ("rps", "p50_ms", "p99_ms"))
+            print(f"| {kind} | {args.workers} | {c} | {rps:,.0f} | {ratio} | {p50:.1f} | {p99:.1f} "
+                  f"| {sum(r['errors'] for r in rows)} | {max(r['rss'] for r in rows):.0f} |")
 
 
 # --- the same work without HTTP -----------------------------------------------------------------------------
@@ -432,6 +457,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", nargs="?")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over every server and connection count")
     ap.add_argument("--connections", default="1,8,32,128")
     ap.add_argument("--servers", default="bare,torch,torch-b1")
     ap.add_argument("--workers", type=int, default=1)
