@@ -281,6 +281,29 @@ def test_every_recipe_builds_a_valid_config_for_an_existing_model(name):
     create_model(cfg.model, **cfg.model_kwargs)
 
 
+@pytest.mark.slow  # trains a model
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_trains_one_short_epoch_with_its_own_settings(name, tmp_path):
+    """A recipe is configuration: the run it makes records the recipe's every value (the model's arguments too)
+    and trains; one epoch of digits keeps it short. Precision is left to the recipe but for `auto`, whose choice
+    depends on the CPU: the recorded value is then fp32 or bf16."""
+    run = tmp_path / name
+    assert main(["train", "--recipe", name, "--dataset", "digits", "--epochs", "1", "--threads", "1",
+                 "--run-dir", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == name
+    for key, value in RECIPES[name].items():
+        if key in ("doc", "epochs"):
+            continue
+        if key == "precision" and value == "auto":
+            assert config[key] in ("auto", "fp32", "bf16"), config[key]
+            continue
+        assert config[key] == value, (key, config[key], value)
+    (epoch,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((run / "results.json").read_text())
+    assert math.isfinite(epoch["train_loss"]) and 0 <= results["test_accuracy"] <= 1
+
+
 def test_every_model_default_names_a_model_and_builds_a_valid_config():
     from mnistlab.config import MODEL_DEFAULTS
     from mnistlab.models import create_model, list_models
