@@ -302,6 +302,57 @@ def test_loop_batcher_an_exception_reaches_only_its_caller_and_a_cancelled_calle
     assert fn.batches[1:] == [[1], [-2], [3]]
 
 
+def test_loop_batcher_shared_by_two_event_loops_keeps_their_items_apart():
+    """One app served from two loops at once (two test clients in two threads): each loop's items are called
+    and answered on that loop's own thread; sharing one queue made a loop answer the other's futures from the
+    wrong thread, and that loop hung."""
+    seen: dict[str, set[int]] = {}
+    lock = threading.Lock()
+
+    def fn(items: list[int]) -> list[int]:
+        threading.Event().wait(0.002)  # the model, in C code that lets the other loop's thread run
+        with lock:
+            seen.setdefault(threading.current_thread().name, set()).update(x // 1000 for x in items)
+        return [2 * x for x in items]
+
+    batcher = LoopBatcher(fn, max_batch=4)
+    answers: dict[int, list[int]] = {}
+
+    def client(k: int) -> None:
+        async def many() -> list[int]:
+            async def one(x: int) -> int:
+                threading.Event().wait(0.0003)  # the picture prepared, in C code that lets the other thread run
+                return await batcher.run(x)
+
+            return await asyncio.gather(*(one(k * 1000 + i) for i in range(200)))
+
+        answers[k] = asyncio.run(many())
+
+    threads = [threading.Thread(target=client, args=(k,), name=f"loop-{k}", daemon=True) for k in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a loop hung"
+    for k in (1, 2):
+        assert answers[k] == [2 * (k * 1000 + i) for i in range(200)]
+    assert seen == {"loop-1": {1}, "loop-2": {2}}  # each loop called the model with its own items only
+
+
+def test_batch_sizes_are_bounded(monkeypatch):
+    import mnistlab.deploy.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "SIZES_KEPT", 10)
+    batcher = LoopBatcher(lambda items: items, max_batch=1)
+
+    async def many() -> None:
+        for x in range(25):
+            await batcher.run(x)
+
+    asyncio.run(many())
+    assert 5 <= len(batcher.sizes) <= 10 and set(batcher.sizes) == {1}
+
+
 def test_loop_batcher_bad_settings_are_refused():
     with pytest.raises(ValueError):
         LoopBatcher(lambda items: items, max_batch=0)

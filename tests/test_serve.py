@@ -181,6 +181,22 @@ def test_the_model_runs_under_inference_mode(fakes, client):
     assert fakes["fake-digits"].seen[-1][2] is True
 
 
+def test_the_served_app_moves_its_objects_out_of_the_garbage_collectors_reach(untrained_run):
+    """app_for freezes what is alive once the app is built (gc.freeze): a full collection no longer walks torch's
+    and FastAPI's objects while requests wait."""
+    import gc
+
+    from mnistlab.deploy.serve.server import ServeSettings, app_for
+
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        app_for(ServeSettings(run_dirs=[str(untrained_run)]))
+        assert gc.get_freeze_count() > 10_000  # torch alone is tens of thousands of objects
+    finally:
+        gc.unfreeze()
+
+
 def test_small_pictures_are_prepared_on_the_loop_and_large_ones_in_threads(monkeypatch):
     """A 280x280 drawing is prepared on the event loop's thread (no hand-over); a picture over INLINE_PIXELS in
     a worker thread, so that it does not hold up the other requests."""

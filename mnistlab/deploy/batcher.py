@@ -14,7 +14,7 @@ an older item for a newer one.
 
 Errors go to their own callers. If a batch call raises, each of its items is run again alone, so a picture
 that breaks the model fails only its own request; an item that fails alone gets its exception. A caller
-that cancels (a client that went away) is skipped before its batch runs.
+that is cancelled before its batch runs is skipped (an asyncio task cancelled, a Future cancelled).
 
 LoopBatcher does the same on an asyncio event loop's own thread, with no thread and no wait: the server's
 processes use it (each has one core's worth of work, and hand-overs between threads cost more than they
@@ -32,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ R = TypeVar("R")
 # measured with the Fashion --recipe fast CNN on a 2-core Xeon (docs/deploy.md, "A server that batches"): a batch
 # of 32 takes 3.2 ms (0.10 ms a picture, against 0.67 ms for a lone one)
 MAX_BATCH = 32
+SIZES_KEPT = 10_000  # batch sizes a batcher remembers (`sizes`)
 MAX_WAIT_MS = 2.0  # Batcher: beyond the wait for a free worker (a threaded server measured 0, 2, 5 ms: 244, 265, 208/s)
 
 
@@ -65,7 +67,7 @@ class _Item(Generic[T, R]):
 
 class Batcher(Generic[T, R]):
     """Runs `fn(list of items) -> list of answers (same order, same length)` in `workers` threads, batching the
-    items that queue up while every worker is busy. `sizes` records each batch's size (for tests and bench)."""
+    items that queue up while every worker is busy. `sizes` records the latest batches' sizes (for tests and bench)."""
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = MAX_BATCH,
                  max_wait_ms: float = MAX_WAIT_MS, workers: int = 1, name: str = "batcher") -> None:
@@ -139,7 +141,7 @@ class Batcher(Generic[T, R]):
             # a caller that cancelled is dropped here; the rest are marked running (no longer cancellable)
             live = [item for item in batch if item.future.set_running_or_notify_cancel()]
             if live:
-                self.sizes.append(len(live))
+                record_size(self.sizes, len(live))
             outcomes = self._outcomes(live)
             with self._ready:
                 if batch:
@@ -183,38 +185,42 @@ class LoopBatcher(Generic[T, R]):
     The call runs on the loop's thread: while it runs nothing else does, which is right when a process has one
     core's worth of work (the server's workers) and costs no hand-over between threads, a few hundred
     microseconds each way under load (docs/deploy.md). A failing call is retried item by item (`outcomes`); a
-    caller that was cancelled is skipped."""
+    caller that was cancelled is skipped. Each event loop has its own queue (an app served from two loops, as
+    two test clients in two threads do, never mixes their items), so no queue is touched from two threads."""
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = MAX_BATCH) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch ({max_batch}) must be >= 1")
         self.fn, self.max_batch = fn, max_batch
-        self.sizes: list[int] = []
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
-        self._due: asyncio.Handle | None = None  # the call already asked of the loop
+        self.sizes: list[int] = []  # the latest batches' sizes (at most SIZES_KEPT), for tests and bench
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopQueue[T, R]] = \
+            weakref.WeakKeyDictionary()
 
     async def run(self, item: T) -> R:
         loop = asyncio.get_running_loop()
+        queue = self._loops.get(loop)
+        if queue is None:
+            queue = self._loops[loop] = _LoopQueue()
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.append((item, future))
-        if len(self._queue) >= self.max_batch:
-            self._call()
-        elif self._due is None:
-            self._due = loop.call_soon(self._call)
+        queue.items.append((item, future))
+        if len(queue.items) >= self.max_batch:
+            self._call(queue)
+        elif queue.due is None:
+            queue.due = loop.call_soon(self._call, queue)
         return await future
 
-    def _call(self) -> None:
+    def _call(self, queue: _LoopQueue[T, R]) -> None:
         """One model call on the queued items (at most max_batch, oldest first); any left over get the next."""
-        if self._due is not None:
-            self._due.cancel()
-            self._due = None
-        batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-        if self._queue:
-            self._due = asyncio.get_running_loop().call_soon(self._call)
+        if queue.due is not None:
+            queue.due.cancel()
+            queue.due = None
+        batch, queue.items = queue.items[:self.max_batch], queue.items[self.max_batch:]
+        if queue.items:
+            queue.due = asyncio.get_running_loop().call_soon(self._call, queue)
         live = [(item, future) for item, future in batch if not future.done()]  # done: its caller cancelled
         if not live:
             return
-        self.sizes.append(len(live))
+        record_size(self.sizes, len(live))
         for (_, future), (ok, outcome) in zip(live, outcomes(self.fn, [item for item, _ in live]), strict=True):
             if future.done():
                 continue
@@ -222,6 +228,21 @@ class LoopBatcher(Generic[T, R]):
                 future.set_result(outcome)
             else:
                 future.set_exception(outcome)
+
+
+@dataclass
+class _LoopQueue(Generic[T, R]):
+    """One event loop's queued items for a LoopBatcher, and the call already asked of that loop."""
+
+    items: list[tuple[T, asyncio.Future[R]]] = field(default_factory=list)
+    due: asyncio.Handle | None = None
+
+
+def record_size(sizes: list[int], n: int) -> None:
+    """Append a batch's size, keeping the latest SIZES_KEPT: a server runs for days, one call a few milliseconds."""
+    sizes.append(n)
+    if len(sizes) > SIZES_KEPT:
+        del sizes[:-SIZES_KEPT // 2]
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ class OnnxRuntime(Runtime):
         source = model if isinstance(model, bytes) else str(model)
         options = ort.SessionOptions()
         # as many threads as torch was given (the server shares the cores out among its workers), and no
-        # spinning: an idle onnxruntime thread that spins takes the core the request threads need
+        # spinning: an idle onnxruntime thread that spins takes a core the server's preparing needs
         options.intra_op_num_threads = torch.get_num_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:

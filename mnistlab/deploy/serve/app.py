@@ -2,7 +2,8 @@
 
 Endpoints (OpenAPI docs at /docs, served offline):
     GET  /              the drawing page (static/index.html: one file, no build step, no CDN)
-    GET  /healthz       {"status": "ok"}, answered on the event loop even while every model call is busy
+    GET  /healthz       {"status": "ok"}, answered on the event loop between two pieces of work (a drawing's
+                        preparation or a model call: milliseconds; large pictures are prepared in threads)
     GET  /api/models    the served runs, the default first: name (the run folder's name), dataset, architecture,
                         classes, threshold (null: none, nothing is "unsure"), temperature
     POST /api/predict   one picture -> PredictionOut: status, label, index, probability, top (every class),

@@ -104,9 +104,9 @@ def load_models(run_dirs: list[str], **open_options: Any) -> dict[str, Predictor
 
 def one_blas_thread() -> None:
     """numpy's BLAS (OpenBLAS) on one thread in this process. The preprocessing's least-squares fits of the paper's
-    surface are 6-column problems that more threads cannot speed up; with two they wake threads that fight the
-    request threads for the cores: 7.9 -> 4.0 ms of CPU per 280x280 picture on the 2-core Xeon of
-    docs/deploy.md. Torch's own threads (OpenMP) are not BLAS's and keep their number."""
+    surface are 6-column problems that more threads cannot speed up; with two they woke threads that fought the
+    preparing threads of the server of the time for the cores: 7.9 -> 4.0 ms of CPU per 280x280 picture on the
+    2-core Xeon of docs/deploy.md. Torch's own threads (OpenMP) are not BLAS's and keep their number."""
     from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
     threadpool_limits(1, user_api="blas")
