@@ -142,18 +142,15 @@ class Batcher(Generic[T, R]):
             live = [item for item in batch if item.future.set_running_or_notify_cancel()]
             if live:
                 record_size(self.sizes, len(live))
-            outcomes = self._outcomes(live)
+            results = outcomes(self.fn, [item.value for item in live])
             with self._ready:
                 if batch:
                     self._busy -= 1  # before the callers hear back: the next item a caller sends finds us idle
-            for item, (ok, outcome) in zip(live, outcomes, strict=True):
+            for item, (ok, outcome) in zip(live, results, strict=True):
                 if ok:
                     item.future.set_result(outcome)
                 else:
                     item.future.set_exception(outcome)
-
-    def _outcomes(self, items: list[_Item[T, R]]) -> list[tuple[bool, Any]]:
-        return outcomes(self.fn, [item.value for item in items])
 
 
 def outcomes(fn: Callable[[list[T]], Sequence[R]], values: list[T]) -> list[tuple[bool, Any]]:

@@ -128,7 +128,6 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.clip(ink, 0.0, 1.0, out=ink), inverted
 
 
-
 def _reach(coef: np.ndarray) -> float:
     """How far the quadratic a + bx + cy + dx^2 + exy + fy^2 may depart from a on the picture: |x|, |y| <= 1, so
     by at most |b| + |c| + |d| + |e| + |f|."""

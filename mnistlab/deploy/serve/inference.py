@@ -116,7 +116,7 @@ def model_view(picture: Picture, dataset: str) -> Prepared:
     if picture.view is not None:
         blank = int(picture.view.max()) < BLANK_INK * 255  # no ink above the black background
         return Prepared(image=picture.view, blank=blank, inverted=False)
-    return view_of(*decode(picture.data or b""), dataset)
+    return prepare_opened(open_picture(picture.data or b""), dataset)
 
 
 async def answer(model: ServedModel, picture: Picture, limiter: anyio.CapacityLimiter,
@@ -136,4 +136,5 @@ async def answer(model: ServedModel, picture: Picture, limiter: anyio.CapacityLi
 
 
 def prepare_opened(im: Image.Image, dataset: str) -> Prepared:
+    """The 28x28 view a model of `dataset` sees of an opened picture (open_picture)."""
     return view_of(*decode_opened(im), dataset)
