@@ -278,7 +278,28 @@ def test_openapi_documents_every_request_format_and_error(client):
     assert "8 MiB" in content["image/jpeg"]["schema"]["description"]
     assert {"200", "400", "404", "413", "415", "422"} <= set(post["responses"])
     assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictionOut")
+    assert [(q["name"], q["in"], q["required"]) for q in post["parameters"]] == [("model", "query", False)]
     assert {"/healthz", "/api/models"} <= set(spec["paths"])
+
+
+@pytest.mark.parametrize("kind", ["ok", "unsure", "blank", "pixels"])
+def test_every_answer_is_exactly_a_prediction_out(client, kind):
+    """/api/predict writes its JSON itself (app.prediction_json), not through FastAPI's response_model: each kind of
+    answer must still be a PredictionOut, field for field, with nothing added and nothing that validation would
+    have to convert."""
+    from mnistlab.deploy.serve.app import PredictionOut
+
+    if kind == "pixels":
+        r = client.post("/api/predict", json={"pixels": a_seven().reshape(-1).tolist()})
+    else:
+        picture = np.full((280, 280), 255, np.uint8) if kind == "blank" else drawn(a_seven())
+        r = upload(client, picture if kind != "blank" else png_bytes(picture),
+                   model="fake-clothes" if kind == "unsure" else "fake-digits")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    body = r.json()
+    assert body["status"] == ("ok" if kind == "pixels" else kind)
+    assert list(body) == list(PredictionOut.model_fields)
+    assert PredictionOut.model_validate_json(r.content, strict=True).model_dump(mode="json") == body
 
 
 # --- bad input: a clear 4xx each, never a 5xx ---------------------------------------------------------------
