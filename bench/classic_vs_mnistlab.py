@@ -4,10 +4,12 @@
     python bench/classic_vs_mnistlab.py --only classic # just the reference
     python bench/classic_vs_mnistlab.py --dataset mnist
     python bench/classic_vs_mnistlab.py --only mnistlab --repeats 3 --precision auto   # seeds 1, 2, 3
+    python bench/classic_vs_mnistlab.py --seed 0 --repeats 3 --precision auto,fp32     # both, one window
 
 With --repeats N each contender runs N times, seeds SEED..SEED+N-1, alternating between them so that a
 slow spell of a shared machine falls on both; the summary gives the median wall time with its range and
-the mean accuracy with its standard deviation, and the ratio of the medians.
+the mean accuracy with its standard deviation, and the ratio of the medians. --precision takes a
+comma-separated list: each precision is its own mnistlab contender, in the same rounds.
 
 The classic recipe is pytorch/examples mnist/main.py as its README runs it: conv 3x3 32, conv 3x3
 64, max-pool, dropout 0.25, fc 128, dropout 0.5, fc 10, log-softmax + NLL; Adadelta lr 1.0, StepLR
@@ -126,7 +128,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
     ap.add_argument("--epochs", type=int, default=3, help="classic recipe epochs (default: 3)")
     ap.add_argument("--recipe", default="fast", help="mnistlab recipe to race (default: fast)")
-    ap.add_argument("--precision", help="mnistlab --precision (default: the recipe's)")
+    ap.add_argument("--precision", help="mnistlab --precision, or several comma-separated, each its own contender "
+                                        "(default: the recipe's)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the first run of each (default: 1)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each contender, one seed each (default: 1)")
     ap.add_argument("--only", choices=("classic", "mnistlab"), help="run one contender only")
@@ -136,8 +139,9 @@ def main() -> None:
         classic_main(args.dataset, args.epochs, args.seed)
         return
 
-    results: dict[str, list[tuple[float, float]]] = {"classic": [], "mnistlab": []}
-    extra = ["--precision", args.precision] if args.precision else []
+    precisions = args.precision.split(",") if args.precision else [None]
+    contenders = {p: f"mnistlab --precision {p}" if p else "mnistlab" for p in precisions}
+    results: dict[str, list[tuple[float, float]]] = {"classic": [], **{name: [] for name in contenders.values()}}
     for seed in range(args.seed, args.seed + args.repeats):
         if args.only in (None, "classic"):
             wall, out = run_timed([sys.executable, __file__, "--classic-inner", "--dataset", args.dataset,
@@ -148,22 +152,27 @@ def main() -> None:
                   f"{wall:.1f} s (training {r['train_seconds']:.1f} s at {r['images_per_second']:,.0f} images/s)",
                   flush=True)
         if args.only in (None, "mnistlab"):
-            r, wall, _ = run_train(["--recipe", args.recipe, "--dataset", args.dataset, "--seed", str(seed), *extra])
-            results["mnistlab"].append((r["test_accuracy"], wall))
-            print(f"mnistlab (--recipe {args.recipe}{' --precision ' + args.precision if extra else ''}, seed "
-                  f"{seed}): test accuracy {r['test_accuracy']:.2%}, wall {wall:.1f} s (training "
-                  f"{r['train_seconds']:.1f} s, {r['epochs']} epochs, {r['precision']})", flush=True)
+            for precision, name in contenders.items():
+                extra = ["--precision", precision] if precision else []
+                r, wall, _ = run_train(["--recipe", args.recipe, "--dataset", args.dataset, "--seed", str(seed),
+                                        *extra])
+                results[name].append((r["test_accuracy"], wall))
+                print(f"mnistlab (--recipe {args.recipe}{' --precision ' + precision if precision else ''}, seed "
+                      f"{seed}): test accuracy {r['test_accuracy']:.2%}, wall {wall:.1f} s (training "
+                      f"{r['train_seconds']:.1f} s, {r['epochs']} epochs, {r['precision']})", flush=True)
     for name, runs in results.items():
         if len(runs) > 1:
             print(f"{name}: wall {_spread([w for _, w in runs])}; test accuracy {_accuracy([a for a, _ in runs])} "
                   f"over {len(runs)} seeds")
-    if results["classic"] and results["mnistlab"]:
-        acc_c, acc_m = (statistics.mean(a for a, _ in results[k]) for k in ("classic", "mnistlab"))
-        walls_c, walls_m = ([w for _, w in results[k]] for k in ("classic", "mnistlab"))
+    for name in contenders.values():
+        if not (results["classic"] and results[name]):
+            continue
+        acc_c, acc_m = (statistics.mean(a for a, _ in results[k]) for k in ("classic", name))
+        walls_c, walls_m = ([w for _, w in results[k]] for k in ("classic", name))
         ratio = statistics.median(walls_c) / statistics.median(walls_m)
         verdict = "meets" if acc_m >= acc_c and ratio >= 10 else "misses"
         low, high = min(walls_c) / max(walls_m), max(walls_c) / min(walls_m)
-        print(f"ratio: mnistlab takes 1/{ratio:.1f} of the classic wall time (medians; 1/{low:.1f} to 1/{high:.1f} "
+        print(f"ratio, {name}: 1/{ratio:.1f} of the classic wall time (medians; 1/{low:.1f} to 1/{high:.1f} "
               f"over the runs), accuracy {acc_m - acc_c:+.2%} points (means); "
               f"{verdict} the target (>= classic accuracy in <= 1/10 the time)")
     print(f"cpu threads: {os.cpu_count()}")

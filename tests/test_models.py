@@ -100,3 +100,37 @@ def test_mlp_activations(activation):
 def test_lenet5_has_the_classic_parameter_count():
     # C1 156 + C3 2,416 + C5 48,120 + F6 10,164 + output 850 (full C3 table, linear output)
     assert count_params(create_model("lenet5")) == 61_706
+
+
+FAST_CNN = dict(widths=[16, 32, 64], stem_stride=2, hidden=512)
+
+
+def test_cnn_pool_first_normalizes_the_pooled_values():
+    """pool_first: conv -> max-pool -> BatchNorm -> ReLU in each stage that pools, the same parameters as the
+    usual order, and the BatchNorm's statistics are those of the pooled values (measured: its running mean after
+    one training-mode batch from zero, with momentum 1, is the mean of the pooled conv output)."""
+    usual, first = (create_model("cnn", **FAST_CNN, pool_first=p) for p in (False, True))
+    assert count_params(usual) == count_params(first)
+    blocks = [m for m in first.features if isinstance(m, torch.nn.Sequential)]
+    kinds = [[type(layer).__name__ for layer in block] for block in blocks]
+    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU"]] + [["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]] * 2
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in first.features if not isinstance(m, torch.nn.Sequential))
+    assert isinstance(first.pool, torch.nn.Flatten)  # the head's 7 -> 3 pool is the last block's
+    conv, pool, norm, _ = blocks[1]
+    norm.momentum, norm.running_mean = 1.0, torch.zeros_like(norm.running_mean)
+    x = torch.randn(8, 1, 28, 28)
+    first.train()
+    first(x)
+    with torch.no_grad():
+        pooled = pool(conv(blocks[0](x)))  # (8, 32, 7, 7)
+    torch.testing.assert_close(norm.running_mean, pooled.mean(dim=(0, 2, 3)))
+    assert first.features(x).shape == (8, 64, 3, 3) and first(x).shape == (8, 10)
+
+
+def test_cnn_stage1_stride_replaces_the_second_pool_by_a_strided_conv():
+    model = create_model("cnn", **FAST_CNN, stage1_stride=2)
+    convs = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1)]
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.features.modules())  # both done by strides
+    assert count_params(model) == count_params(create_model("cnn", **FAST_CNN))
+    assert model.features(torch.randn(2, 1, 28, 28)).shape == (2, 64, 7, 7)
