@@ -22,6 +22,7 @@ from safetensors.torch import save as st_save
 
 from mnistlab.errors import UserError
 from mnistlab.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported for callers)
+from mnistlab.optim import Optimizer
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT_VERSION = 2  # 2: payload_sha256 in the header
@@ -47,7 +48,7 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_tensors(optimizer: Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state_dict into tensors (by 'optim/<param>/<key>') and JSON-able rest."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -61,7 +62,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _restore_optimizer(optimizer: Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim/"):
@@ -85,7 +86,7 @@ def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
     meta: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Atomically write model (+ optimizer, + extra tensors) and `meta` to one safetensors file."""
@@ -153,7 +154,7 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def load_into(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    path: Path, model: torch.nn.Module, optimizer: Optimizer | None = None,
     read: Read | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load weights (and optimizer state) from `path` into existing objects; return (meta, extra).

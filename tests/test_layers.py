@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "files", "config"},
     {"data"},
     {"models"},
-    {"checkpoint", "distributed", "run", "gradflow", "tensorboard", "evaluate", "plots"},
+    {"optim", "checkpoint", "distributed", "run", "gradflow", "tensorboard", "evaluate", "plots"},
     {"loop", "calibration"},
     {"lifecycle", "scratch"},
     {"training", "pretrain"},

@@ -1,0 +1,98 @@
+"""mnistlab/optim.py: the written-out Nesterov SGD against torch.optim.SGD, its checkpoints both ways, and the
+start-up it saves (no torch._dynamo import in a training process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mnistlab.models import create_model
+from mnistlab.optim import NesterovSGD
+
+
+def model_and_groups(seed: int = 0) -> tuple[torch.nn.Module, list[dict]]:
+    """The fast recipe's CNN in channels-last (its weights' layout in training) and make_optimizer's two groups."""
+    torch.manual_seed(seed)
+    model = create_model("cnn", widths=[8, 16, 32], stem_stride=2, hidden=32, pool_first=True)
+    model = model.to(memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return model, [dict(params=decay, weight_decay=5e-3), dict(params=rest, weight_decay=0.0)]
+
+
+def take_steps(model: torch.nn.Module, optimizer, steps: range, lr: float = 0.1) -> None:
+    """Steps with a changing learning rate, as the one-cycle loop sets it, on fixed random batches."""
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 + step) / 10
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def torch_sgd(groups: list[dict]) -> torch.optim.SGD:
+    return torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, foreach=False)
+
+
+def test_it_follows_torch_sgd_step_for_step():
+    ours, groups = model_and_groups()
+    theirs, their_groups = model_and_groups()
+    take_steps(ours, NesterovSGD(groups, lr=0.1, momentum=0.9), range(8))
+    take_steps(theirs, torch_sgd(their_groups), range(8))
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(ours.state_dict()["head.weight"], model_and_groups()[0].state_dict()["head.weight"])
+
+
+def test_without_momentum_or_decay_it_is_plain_gradient_descent():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = NesterovSGD([p], lr=0.5, momentum=0.0)
+    p.grad = torch.tensor([0.2, 0.4])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -2.2]))
+
+
+@pytest.mark.parametrize("first, then", [("torch", "ours"), ("ours", "torch")])
+def test_a_state_dict_from_either_resumes_in_the_other(first, then):
+    """Four steps in one optimizer, its state_dict loaded into the other kind on a copy of the model, four more:
+    the same weights as eight uninterrupted steps of torch.optim.SGD."""
+    make = {"torch": torch_sgd, "ours": lambda groups: NesterovSGD(groups, lr=0.1, momentum=0.9)}
+    straight, straight_groups = model_and_groups()
+    take_steps(straight, torch_sgd(straight_groups), range(8))
+
+    model, groups = model_and_groups()
+    before = make[first](groups)
+    take_steps(model, before, range(4))
+    state = before.state_dict()
+    assert set(state["state"][0]) == {"momentum_buffer"} and state["param_groups"][0]["nesterov"] is True
+    resumed, resumed_groups = model_and_groups(seed=1)  # other weights: all must come from the copy below
+    resumed.load_state_dict(model.state_dict())
+    after = make[then](resumed_groups)
+    after.load_state_dict(state)
+    take_steps(resumed, after, range(4, 8))
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_state_dict_of_other_groups_is_refused():
+    _, groups = model_and_groups()
+    state = NesterovSGD(groups, lr=0.1).state_dict()
+    _, other = model_and_groups()
+    with pytest.raises(ValueError, match="other parameter groups"):
+        NesterovSGD(other[:1], lr=0.1).load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_training_imports_no_torch_dynamo(tmp_path):
+    """The point of the class: a `mnistlab train` with SGD never imports torch._dynamo (1.5-1.9 s)."""
+    code = ("import sys; from mnistlab.cli import main; "
+            f"main(['train', '--dataset', 'digits', '--epochs', '1', '--run-dir', {str(tmp_path / 'run')!r}]); "
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "no dynamo"
