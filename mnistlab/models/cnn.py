@@ -13,8 +13,8 @@ and why they exist (measurements in docs/experiments.md; speed from bench/speed.
 - `pool_first=True` max-pools a stage's last conv output before its BatchNorm and ReLU (conv -> pool ->
   BN -> ReLU) rather than after: ReLU commutes with max-pooling, BatchNorm then normalizes the pooled
   values, and both run on a quarter of the numbers. BatchNorm and ReLU (forward and backward) are memory
-  passes, a third of a CPU training step at these widths: the fast recipe's step took 28% less time in
-  fp32 and 19% less in bf16 (docs/experiments.md).
+  passes, a third of a CPU training step at these widths: a step of the fast recipe's CNN (then widths
+  16-32-64) took 28% less time in fp32 and 19% less in bf16 (docs/experiments.md).
 No hard-coded flatten size: it follows from the widths (the 9216 of pytorch/examples is a wart).
 """
 
