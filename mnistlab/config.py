@@ -178,8 +178,10 @@ class TrainConfig(FieldConfig):
     epochs: int = opt(5, "passes over the training set", "positive_int", group="optimisation")
     batch_size: int = opt(128, "images per step", "positive_int", group="optimisation")
     lr: float = opt(0.05, "peak learning rate", "positive_float", group="optimisation")
-    optimizer: str = opt("sgd", "sgd (momentum 0.9, Nesterov) or adamw", choices=("sgd", "adamw"),
-                         group="optimisation")
+    optimizer: str = opt("sgd", "sgd (momentum 0.9, Nesterov), adamw, or muon: sgd with each hidden conv's step "
+                         "orthogonalized (mnistlab/optim.py)", choices=("sgd", "adamw", "muon"), group="optimisation")
+    muon_lr: float = opt(0.05, "with --optimizer muon: the peak learning rate of the orthogonalized conv steps "
+                         "(the schedule scales it as it scales --lr)", "positive_float", group="optimisation")
     schedule: str = opt("onecycle", "learning-rate schedule after the linear warm-up",
                         choices=("onecycle", "cosine", "constant"), group="optimisation")
     warmup: float = opt(0.2, "fraction of all steps spent warming up", "fraction", group="optimisation")

@@ -38,7 +38,7 @@ from mnistlab.checkpoint import (
 from mnistlab.config import PretrainConfig, TrainConfig, model_label
 from mnistlab.errors import UserError
 from mnistlab.loop import TrainingDiverged, TrainState
-from mnistlab.optim import NesterovSGD, Optimizer
+from mnistlab.optim import Muon, NesterovSGD, Optimizer
 from mnistlab.run import CONFIG, RESULTS, RunFolder, cap_threads, note, say, tune_allocator
 
 PRETRAIN_META = ("kind", "model", "model_kwargs", "in_chans", "method", "config", "mean", "std", "step")
@@ -151,6 +151,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) ->
     if cfg.optimizer == "sgd":
         # written out rather than torch.optim.SGD, whose construction imports torch._dynamo (1.5-1.9 s)
         return NesterovSGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "muon":
+        # the hidden conv filters (every conv weight but the first layer's) take orthogonalized steps at their own
+        # learning rate; the rest (first conv, linear layers, biases, norms) is SGD as above
+        convs = [p for p in decay if p.ndim == 4][1:]
+        if not convs:
+            raise UserError(f"--optimizer muon orthogonalizes the steps of hidden conv layers, and {cfg.model} has "
+                            f"none after its first; use --optimizer sgd or adamw")
+        hidden = {id(p) for p in convs}
+        groups = [dict(params=convs, weight_decay=0.0, orthogonalize=True, lr_ratio=cfg.muon_lr / cfg.lr),
+                  dict(params=[p for p in decay if id(p) not in hidden], weight_decay=cfg.weight_decay),
+                  dict(params=no_decay, weight_decay=0.0)]
+        return Muon(groups, lr=cfg.lr, momentum=0.9)
     # fused: one kernel updates every parameter instead of a handful of ops per tensor (it matters for the ViT,
     # whose step is many small ops). CPU and CUDA have fused kernels. Resume keeps the optimizer state in each
     # weight's memory layout, which the fused kernels rely on (checkpoint.py).

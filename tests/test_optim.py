@@ -1,5 +1,5 @@
-"""mnistlab/optim.py: the written-out Nesterov SGD against torch.optim.SGD, its checkpoints both ways, and the
-start-up it saves (no torch._dynamo import in a training process)."""
+"""mnistlab/optim.py: the written-out Nesterov SGD against torch.optim.SGD, its checkpoints both ways, the start-up
+it saves (no torch._dynamo import in a training process), and Muon's orthogonalized steps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mnistlab.models import create_model
-from mnistlab.optim import NesterovSGD
+from mnistlab.optim import Muon, NesterovSGD, orthogonalize
 
 
 def model_and_groups(seed: int = 0) -> tuple[torch.nn.Module, list[dict]]:
@@ -96,3 +96,85 @@ def test_training_imports_no_torch_dynamo(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "no dynamo"
+
+
+@pytest.mark.parametrize("shape", [(48, 216), (96, 432), (64, 16)])
+def test_orthogonalize_brings_every_singular_value_near_one(shape):
+    """Newton-Schulz's five steps: from singular values spread over two orders of magnitude to about [0.7, 1.2]
+    (not exactly 1: the coefficients trade that for speed), with the singular vectors kept. Values much below a
+    thousandth of the norm stay below that: five steps multiply a small one by at most 3.4445^5, about 490."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g))
+    s = torch.logspace(0, -2, min(shape))  # 1 ... 0.01
+    m = u @ torch.diag(s) @ v.T
+    out = orthogonalize(m)
+    values = torch.linalg.svdvals(out)
+    assert values.min() > 0.6 and values.max() < 1.25, (values.min(), values.max())
+    # the same directions: out is close to U V^T, far closer than m itself is
+    target = u @ v.T
+    assert (out - target).norm() / target.norm() < 0.35
+    assert (m / m.norm() * target.norm() - target).norm() / target.norm() > 0.5
+
+
+def muon_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
+    convs = [p for p in model.parameters() if p.ndim == 4][1:]
+    rest = [p for p in model.parameters() if p.ndim < 4 or p is next(iter(model.parameters()))]
+    return [dict(params=convs, weight_decay=0.0, orthogonalize=True, lr_ratio=lr_ratio),
+            dict(params=rest, weight_decay=0.0)]
+
+
+def test_muon_takes_orthogonal_steps_on_its_groups_and_sgd_elsewhere():
+    """One step from zero momentum: a hidden conv moves by lr x ratio x sqrt(max(1, rows / cols)) x an orthogonal
+    matrix; every other parameter moves exactly as Nesterov SGD moves it."""
+    model, _ = model_and_groups()
+    twin, _ = model_and_groups()
+    twin.load_state_dict(model.state_dict())
+    groups = muon_groups(model, lr_ratio=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    take_steps(model, Muon(groups, lr=0.1, momentum=0.9), range(1))  # lr 0.1 x 1 / 10 at step 0
+    take_steps(twin, NesterovSGD(twin.parameters(), lr=0.1, momentum=0.9), range(1))  # no weight decay, as muon_groups
+    hidden = {id(p) for p in groups[0]["params"]}
+    twins = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        if id(p) in hidden:
+            step = (before[name] - p.detach()).reshape(p.shape[0], -1) / (0.01 * 0.5)
+            assert torch.linalg.svdvals(step).min() > 0.6 and torch.linalg.svdvals(step).max() < 1.25, name
+        else:
+            torch.testing.assert_close(p.detach(), twins[name].detach(), rtol=1e-5, atol=1e-7, msg=name)
+    assert len(hidden) == 2  # the fast CNN's second and third convs
+
+
+def test_muon_resumes_exactly_from_its_state_dict():
+    """Four steps, a state_dict (momentum buffers and the groups' orthogonalize and lr_ratio), four more in a new
+    optimizer on a copy: the same weights as eight uninterrupted steps."""
+    straight, _ = model_and_groups()
+    take_steps(straight, Muon(muon_groups(straight, 0.5), lr=0.1), range(8))
+    model, _ = model_and_groups()
+    first = Muon(muon_groups(model, 0.5), lr=0.1)
+    take_steps(model, first, range(4))
+    state = first.state_dict()
+    assert state["param_groups"][0]["orthogonalize"] is True and state["param_groups"][0]["lr_ratio"] == 0.5
+    resumed, _ = model_and_groups(seed=1)
+    resumed.load_state_dict(model.state_dict())
+    after = Muon(muon_groups(resumed, 1.0), lr=0.1)
+    after.load_state_dict(state)  # the saved ratio (0.5) replaces the new optimizer's
+    take_steps(resumed, after, range(4, 8))
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_make_optimizer_gives_muon_the_hidden_convs_only():
+    from mnistlab.config import TrainConfig
+    from mnistlab.errors import UserError
+    from mnistlab.lifecycle import make_optimizer
+
+    model, _ = model_and_groups()
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=0.1, muon_lr=0.02))
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert isinstance(opt, Muon) and opt.param_groups[0]["params"] == convs[1:]
+    assert opt.param_groups[0]["lr_ratio"] == pytest.approx(0.2) and opt.param_groups[0]["weight_decay"] == 0
+    others = [p for g in opt.param_groups[1:] for p in g["params"]]
+    assert convs[0] in others and len(others) + len(convs) - 1 == len(list(model.parameters()))
+    with pytest.raises(UserError, match="no hidden conv|none after its first"):
+        make_optimizer(create_model("mlp"), TrainConfig(model="mlp", optimizer="muon"))

@@ -392,7 +392,7 @@ def test_shift_augmentation_moves_pixels_by_whole_steps(hflip):
 
 
 @pytest.mark.slow  # trains a CNN for 9 steps; the first channels-last steps cost seconds
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "muon"])
 def test_fused_optimizer_resumes_channels_last_weights_exactly(tmp_path, optimizer):
     """Safetensors stores state contiguous; the fused kernels need it in the weights' channels-last layout."""
     from mnistlab.checkpoint import load_into
