@@ -1,6 +1,6 @@
 """Accuracy against wall time for a recipe: the same recipe trained for several budgets (epochs), over seeds.
 
-    python bench/frontier.py                                 # --recipe best at 15, 25 and 40 epochs and its own
+    python bench/frontier.py                                 # --recipe best at 15, 30, 50 (its own) and 80 epochs
     python bench/frontier.py --epochs 15 30 --seeds 0        # a quick look
     python bench/frontier.py --extra "--optimizer sgd"       # the frontier of a variant of the recipe
 
@@ -42,13 +42,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="best", choices=sorted(RECIPES))
     ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--epochs", type=int, nargs="+", help="budgets (default: 15, 25, 40 and the recipe's own)")
+    ap.add_argument("--epochs", type=int, nargs="+",
+                    help="budgets (default: 0.3, 0.6, 1 and 1.6 times the recipe's own epochs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per budget (default: 0 1 2)")
     ap.add_argument("--extra", default="", help="more `mnistlab train` flags, as one quoted string")
     ap.add_argument("--target", type=float, default=0.94, help="the accuracy to time (default: 0.94)")
     ap.add_argument("--out", default="runs/frontier.jsonl", help="finished runs, reused (default: %(default)s)")
     args = ap.parse_args()
-    budgets = sorted(set(args.epochs or [15, 25, 40, RECIPES[args.recipe]["epochs"]]))
+    own = RECIPES[args.recipe]["epochs"]
+    budgets = sorted(set(args.epochs or [max(1, round(f * own)) for f in (0.3, 0.6, 1.0, 1.6)]))
     extra = shlex.split(args.extra)
     out = Path(args.out)
     done: dict[tuple, dict] = {}
