@@ -68,19 +68,20 @@ class NesterovSGD:
         grads = [p.grad for p in params]
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # g + wd * p (new tensors)
-        # zeros in each weight's own memory layout (channels-last convs): mu * 0 + g is g exactly, as
-        # torch.optim.SGD's first step, which copies g
-        buffers = []
-        for p in params:
-            state = self.state.setdefault(p, {})
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
+        buffers = [self._momentum_buffer(p) for p in params]
         momentum = group["momentum"]
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, grads)  # b = mu * b + g
         steps = torch._foreach_add(grads, buffers, alpha=momentum)  # g + mu * b
         torch._foreach_add_(params, steps, alpha=-group["lr"])  # p = p - lr * (g + mu * b)
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """p's momentum buffer, made at its first step as zeros in the weight's own memory layout (channels-last
+        convs): mu * 0 + g is g exactly, as torch.optim.SGD's first step, which copies g."""
+        state = self.state.setdefault(p, {})
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's format: the state by parameter index (counted over the groups in order), the groups with
@@ -159,10 +160,7 @@ class Muon(NesterovSGD):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state.setdefault(p, {})
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffer = state["momentum_buffer"]
+            buffer = self._momentum_buffer(p)
             buffer.mul_(momentum).add_(p.grad)  # b = mu * b + g
             step = p.grad.add(buffer, alpha=momentum)  # Nesterov: g + mu * b
             matrix = step.reshape(p.shape[0], -1).float()  # (out, in * kh * kw), in logical order

@@ -117,11 +117,12 @@ def test_orthogonalize_brings_every_singular_value_near_one(shape):
     assert (m / m.norm() * target.norm() - target).norm() / target.norm() > 0.5
 
 
-def muon_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
-    convs = [p for p in model.parameters() if p.ndim == 4][1:]
-    rest = [p for p in model.parameters() if p.ndim < 4 or p is next(iter(model.parameters()))]
-    return [dict(params=convs, weight_decay=0.0, orthogonalize=True, lr_ratio=lr_ratio),
-            dict(params=rest, weight_decay=0.0)]
+def muon(model: torch.nn.Module, lr_ratio: float) -> Muon:
+    """make_optimizer's Muon at lr 0.1 without weight decay: the hidden convs orthogonalized at lr x lr_ratio."""
+    from mnistlab.config import TrainConfig
+    from mnistlab.lifecycle import make_optimizer
+
+    return make_optimizer(model, TrainConfig(optimizer="muon", lr=0.1, muon_lr=0.1 * lr_ratio, weight_decay=0.0))
 
 
 def test_muon_takes_orthogonal_steps_on_its_groups_and_sgd_elsewhere():
@@ -130,11 +131,11 @@ def test_muon_takes_orthogonal_steps_on_its_groups_and_sgd_elsewhere():
     model, _ = model_and_groups()
     twin, _ = model_and_groups()
     twin.load_state_dict(model.state_dict())
-    groups = muon_groups(model, lr_ratio=0.5)
+    optimizer = muon(model, lr_ratio=0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    take_steps(model, Muon(groups, lr=0.1, momentum=0.9), range(1))  # lr 0.1 x 1 / 10 at step 0
-    take_steps(twin, NesterovSGD(twin.parameters(), lr=0.1, momentum=0.9), range(1))  # no weight decay, as muon_groups
-    hidden = {id(p) for p in groups[0]["params"]}
+    take_steps(model, optimizer, range(1))  # lr 0.1 x 1 / 10 at step 0
+    take_steps(twin, NesterovSGD(twin.parameters(), lr=0.1, momentum=0.9), range(1))  # no weight decay either
+    hidden = {id(p) for p in optimizer.param_groups[0]["params"]}
     twins = dict(twin.named_parameters())
     for name, p in model.named_parameters():
         if id(p) in hidden:
@@ -149,15 +150,15 @@ def test_muon_resumes_exactly_from_its_state_dict():
     """Four steps, a state_dict (momentum buffers and the groups' orthogonalize and lr_ratio), four more in a new
     optimizer on a copy: the same weights as eight uninterrupted steps."""
     straight, _ = model_and_groups()
-    take_steps(straight, Muon(muon_groups(straight, 0.5), lr=0.1), range(8))
+    take_steps(straight, muon(straight, 0.5), range(8))
     model, _ = model_and_groups()
-    first = Muon(muon_groups(model, 0.5), lr=0.1)
+    first = muon(model, 0.5)
     take_steps(model, first, range(4))
     state = first.state_dict()
     assert state["param_groups"][0]["orthogonalize"] is True and state["param_groups"][0]["lr_ratio"] == 0.5
     resumed, _ = model_and_groups(seed=1)
     resumed.load_state_dict(model.state_dict())
-    after = Muon(muon_groups(resumed, 1.0), lr=0.1)
+    after = muon(resumed, 1.0)
     after.load_state_dict(state)  # the saved ratio (0.5) replaces the new optimizer's
     take_steps(resumed, after, range(4, 8))
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
