@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from common import run_train
+from common import accuracy_spread, run_train
 
 
 def classic_main(dataset: str, epochs: int, seed: int) -> None:
@@ -118,11 +118,6 @@ def _spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.1f} s (range {min(values):.1f}-{max(values):.1f})"
 
 
-def _accuracy(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2%} +- {std:.2%}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
@@ -162,8 +157,8 @@ def main() -> None:
                       f"{r['train_seconds']:.1f} s, {r['epochs']} epochs, {r['precision']})", flush=True)
     for name, runs in results.items():
         if len(runs) > 1:
-            print(f"{name}: wall {_spread([w for _, w in runs])}; test accuracy {_accuracy([a for a, _ in runs])} "
-                  f"over {len(runs)} seeds")
+            print(f"{name}: wall {_spread([w for _, w in runs])}; "
+                  f"test accuracy {accuracy_spread([a for a, _ in runs])} over {len(runs)} seeds")
     for name in contenders.values():
         if not (results["classic"] and results[name]):
             continue

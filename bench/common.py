@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,3 +37,9 @@ def machine_line() -> str:
     from mnistlab.inspect.leaderboard import machine_line as line
 
     return line()
+
+
+def accuracy_spread(values: list[float]) -> str:
+    """'91.10% +- 0.55%' from accuracies in [0, 1]: mean and sample std over seeds (0 for one value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2%} +- {std:.2%}"

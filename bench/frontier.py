@@ -27,15 +27,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import machine_line, run_train
+from common import accuracy_spread, machine_line, run_train
 
 from mnistlab.config import RECIPES
-
-
-def mean_std(values: list[float]) -> str:
-    """'93.12% +- 0.08' from accuracies in [0, 1] (sample std; 0 for one value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f}% +- {100 * std:.2f}"
 
 
 def main() -> int:
@@ -89,7 +83,7 @@ def main() -> int:
     print("|---:|---|---:|---|---|---|")
     for r in rows:
         print(f"| {r['epochs']} | {r['wall']:.0f} s ({r['low']:.0f}-{r['high']:.0f}) | {r['train']:.0f} s | "
-              f"{r['precision']} | {mean_std(r['val'])} | {mean_std(r['test'])} |")
+              f"{r['precision']} | {accuracy_spread(r['val'])} | {accuracy_spread(r['test'])} |")
     print()
     for split in ("val", "test"):
         passed = [r for r in rows if statistics.mean(r[split]) >= args.target]
