@@ -154,7 +154,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) ->
     if cfg.optimizer == "muon":
         # the hidden conv filters (every conv weight but the first layer's) take orthogonalized steps at their own
         # learning rate; the rest (first conv, linear layers, biases, norms) is SGD as above
-        convs = [p for p in decay if p.ndim == 4][1:]
+        # (the first conv found among all parameters: a fixed first layer, as whiten=true makes, is not trainable)
+        first = next((p for p in model.parameters() if p.ndim == 4), None)
+        convs = [p for p in decay if p.ndim == 4 and p is not first]
         if not convs:
             raise UserError(f"--optimizer muon orthogonalizes the steps of hidden conv layers, and {cfg.model} has "
                             f"none after its first; use --optimizer sgd or adamw")

@@ -59,6 +59,7 @@ from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, plu
 from mnistlab.tensorboard import TB_DIR, TensorBoardLog, require_tensorboard
 
 MAX_SHIFT = 2  # --augment shift moves images by up to this many pixels
+DATA_INIT_IMAGES = 5_000  # a model's data-dependent layers are set from this many training images (fixed ones)
 
 
 class TorchEngine(Engine):
@@ -96,6 +97,9 @@ class TorchEngine(Engine):
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, in_chans=1, num_classes=self.ds.num_classes, **cfg.model_kwargs)
         model = model.to(self.device).to(memory_format=torch.channels_last)
+        init_from_data = getattr(model, "init_from_data", None)
+        if init_from_data is not None:  # a layer set from the data (the CNN's whiten=true): from the first images
+            init_from_data(to_input(self.train_x[:DATA_INIT_IMAGES], self.ds.mean, self.ds.std))
         if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
             for name, p in model.named_parameters():
                 p.requires_grad_(name.startswith("head."))

@@ -134,3 +134,37 @@ def test_cnn_stage1_stride_replaces_the_second_pool_by_a_strided_conv():
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.features.modules())  # both done by strides
     assert count_params(model) == count_params(create_model("cnn", **FAST_CNN))
     assert model.features(torch.randn(2, 1, 28, 28)).shape == (2, 64, 7, 7)
+
+
+def test_cnn_whiten_makes_the_stem_decorrelate_the_patches_it_reads_and_keeps_it_fixed():
+    """whiten=true: after init_from_data, the first conv's 9 filters take the images' 3x3 patches (at its stride)
+    to outputs of unit variance and zero correlation, the other 9 are their negatives, and training leaves them
+    alone (not trainable); without whiten, init_from_data changes nothing."""
+    torch.manual_seed(0)
+    # correlated patches, as images have: noise plus smoothed noise (every direction keeps variance >= 1, so the
+    # small floor added to each variance, WHITEN_EPS, moves the result by less than the tolerance)
+    noise = torch.randn(64, 1, 30, 30)
+    x = noise[..., 1:-1, 1:-1] + 3 * torch.nn.functional.avg_pool2d(noise, 3, stride=1)  # (64, 1, 28, 28)
+    model = create_model("cnn", widths=[18, 16, 32], stem_stride=2, hidden=32, pool_first=True, whiten=True)
+    model.init_from_data(x)
+    stem = model.features[0][0]
+    assert not stem.weight.requires_grad
+    filters = stem.weight.reshape(18, 9)
+    torch.testing.assert_close(filters[9:], -filters[:9])
+    patches = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 9)  # (64 * 196, 9)
+    out = torch.cov(((patches - patches.mean(0)) @ filters[:9].T).T)  # (9, 9)
+    torch.testing.assert_close(out, torch.eye(9), atol=0.05, rtol=0)
+    before = stem.weight.clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    torch.nn.functional.cross_entropy(model(x), torch.zeros(64, dtype=torch.long)).backward()
+    optimizer.step()
+    assert stem.weight.grad is None and torch.equal(stem.weight, before)
+    plain = create_model("cnn", **FAST_CNN)
+    weights = plain.features[0][0].weight.clone()
+    plain.init_from_data(x)
+    assert torch.equal(plain.features[0][0].weight, weights)
+
+
+def test_cnn_bn_momentum_sets_every_batchnorm():
+    model = create_model("cnn", **FAST_CNN, bn_momentum=0.03)
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.03}

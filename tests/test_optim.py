@@ -179,3 +179,16 @@ def test_make_optimizer_gives_muon_the_hidden_convs_only():
     assert convs[0] in others and len(others) + len(convs) - 1 == len(list(model.parameters()))
     with pytest.raises(UserError, match="no hidden conv|none after its first"):
         make_optimizer(create_model("mlp"), TrainConfig(model="mlp", optimizer="muon"))
+
+
+def test_make_optimizer_leaves_a_fixed_whitening_stem_out_and_still_gives_muon_both_hidden_convs():
+    """whiten=true freezes the first conv: it is in no group, and Muon still takes the two convs after it (not
+    the first of the trainable ones)."""
+    from mnistlab.config import TrainConfig
+    from mnistlab.lifecycle import make_optimizer
+
+    model = create_model("cnn", widths=[18, 16, 32], stem_stride=2, hidden=32, pool_first=True, whiten=True)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=0.1, muon_lr=0.02))
+    stem, *hidden = [p for p in model.parameters() if p.ndim == 4]
+    assert opt.param_groups[0]["params"] == hidden and len(hidden) == 2
+    assert all(p is not stem for g in opt.param_groups for p in g["params"])

@@ -15,6 +15,13 @@ and why they exist (measurements in docs/experiments.md; speed from bench/speed.
   values, and both run on a quarter of the numbers. BatchNorm and ReLU (forward and backward) are memory
   passes, a third of a CPU training step at these widths: a step of the fast recipe's CNN (then widths
   16-32-64) took 28% less time in fp32 and 19% less in bf16 (docs/experiments.md).
+- `whiten=True` makes the first conv a fixed one, not learned (airbench's idea, Keller Jordan 2024): its
+  filters are the principal directions of the training images' 3x3 patches (the eigenvectors of their
+  9x9 covariance), each scaled by 1/sqrt(its variance) and paired with its negative, so the stem's
+  outputs are decorrelated from the first step on. Set by `init_from_data` before training;
+  `widths[0]` must then be 18 (9 directions x 2 signs, per input channel).
+- `bn_momentum` is BatchNorm's running-statistics momentum (PyTorch's default 0.1): how fast the
+  statistics that evaluation uses follow the changing weights.
 No hard-coded flatten size: it follows from the widths (the 9216 of pytorch/examples is a wart).
 """
 
@@ -25,15 +32,20 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mnistlab.models.registry import check_arg, check_positive, register_model
 
 
-def conv_bn(cin: int, cout: int, stride: int = 1, pool: bool = False) -> nn.Sequential:
+def conv_bn(cin: int, cout: int, stride: int = 1, pool: bool = False, bn_momentum: float = 0.1) -> nn.Sequential:
     """conv 3x3 -> BatchNorm -> ReLU; with pool, conv -> max-pool 2 -> BatchNorm -> ReLU (half the side)."""
     # bias=False: BatchNorm's shift makes a conv bias redundant
     conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(cout, momentum=bn_momentum),
+                         nn.ReLU(inplace=True))
+
+
+WHITEN_EPS = 1e-3  # added to each patch variance before 1/sqrt: a direction with (almost) no variance stays finite
 
 
 @register_model("cnn", "modern small CNN: conv-BN-ReLU stages, max-pool, 3x3 flatten head (the default)")
@@ -50,6 +62,8 @@ class SmallCNN(nn.Module):
         hidden: int = 256,
         dropout: float = 0.0,
         pool_first: bool = False,
+        whiten: bool = False,
+        bn_momentum: float = 0.1,
     ):
         super().__init__()
         check_arg(
@@ -61,6 +75,11 @@ class SmallCNN(nn.Module):
         check_positive(depth=depth)
         check_arg(hidden >= 0, "hidden", "a non-negative integer (0: no hidden layer)", hidden)
         check_arg(0 <= dropout < 1, "dropout", "a probability in [0, 1)", dropout)
+        check_arg(0 < bn_momentum <= 1, "bn_momentum", "a number in (0, 1]", bn_momentum)
+        # 3x3 patches of in_chans channels have 9 * in_chans principal directions, each kept with both signs
+        check_arg(not whiten or widths[0] == 18 * in_chans, "widths",
+                  f"[{18 * in_chans}, ...] with whiten=true (9 x {in_chans} patch directions x 2 signs)", widths)
+        self.whiten = whiten
         layers: list[nn.Module] = []
         cin = in_chans
         for stage, w in enumerate(widths):
@@ -70,7 +89,8 @@ class SmallCNN(nn.Module):
             pools = head == "flatten" if stage == 2 else first_stride == 1
             for block in range(depth):
                 stride = first_stride if block == 0 else 1
-                layers.append(conv_bn(cin, w, stride, pool=pool_first and pools and block == depth - 1))
+                layers.append(conv_bn(cin, w, stride, pool=pool_first and pools and block == depth - 1,
+                                      bn_momentum=bn_momentum))
                 cin = w
             if stage < 2 and pools and not pool_first:
                 layers.append(nn.MaxPool2d(2))  # (28 ->) 14 -> 7
@@ -85,6 +105,24 @@ class SmallCNN(nn.Module):
         self.fc = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True)) if hidden else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(hidden or dim, num_classes)
+        if whiten:  # fixed by init_from_data, never by the optimizer (which takes only trainable parameters)
+            self.features[0][0].weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """whiten=True: set the first conv's filters from training images x (N, C, H, W), normalised as the model
+        sees them. A no-op otherwise. Deterministic: the same images give the same filters."""
+        if not self.whiten:
+            return
+        conv = self.features[0][0]
+        # every 3x3 patch the first conv reads (same stride and padding): (N, 9C, L) -> (N * L, 9C)
+        patches = F.unfold(x.float(), 3, padding=1, stride=conv.stride)
+        patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
+        patches -= patches.mean(0)
+        variances, directions = torch.linalg.eigh(patches.T @ patches / len(patches))  # (9C,), (9C, 9C) columns
+        # filter i = direction i / sqrt(variance i): each output has unit variance, and the outputs are uncorrelated
+        filters = (directions / (variances.clamp(min=0) + WHITEN_EPS).sqrt()).T  # (9C, 9C), one filter a row
+        conv.weight.copy_(torch.cat([filters, -filters]).reshape(conv.weight.shape))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)))  # (B, hidden) or (B, pooled dim)
