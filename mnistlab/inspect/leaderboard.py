@@ -405,6 +405,12 @@ def _short_count(v: float) -> str:
     return f"{v:g}"
 
 
+def accuracy_error_bar(mean: float, std: float) -> list[list[float]]:
+    """The error bar of an accuracy in percent, as matplotlib's [[below], [above]]: one std either way, but never
+    above 100% (three seeds at 99.5, 100, 100 have a std of 0.29 points; no accuracy lies above 100)."""
+    return [[std], [max(0.0, min(std, 100.0 - mean))]]
+
+
 def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
     """Test accuracy against training time and against parameters, error bars over seeds; a row per dataset."""
     from mnistlab.plots import pyplot, save_figure
@@ -421,7 +427,7 @@ def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
             i = r.rank - 1
             style = dict(color=colors[i % 10], marker=markers[i % len(markers)], markersize=8, capsize=4,
                          linestyle="none")
-            y, yerr = r.mean * 100, (r.std or 0.0) * 100
+            y, yerr = r.mean * 100, accuracy_error_bar(r.mean * 100, (r.std or 0.0) * 100)
             seconds = r.train_seconds
             label = f"{r.rank}. {r.label} (n={len(r.runs)})"
             for ax, x, xerr in ((ax_row[0], _mean(seconds), statistics.stdev(seconds) if len(seconds) > 1 else 0),
