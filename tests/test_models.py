@@ -159,6 +159,13 @@ def test_cnn_whiten_makes_the_stem_decorrelate_the_patches_it_reads_and_keeps_it
     torch.nn.functional.cross_entropy(model(x), torch.zeros(64, dtype=torch.long)).backward()
     optimizer.step()
     assert stem.weight.grad is None and torch.equal(stem.weight, before)
+    # widths[0] = 16 keeps the 8 directions of largest variance: the same filters less the last
+    fewer = create_model("cnn", widths=[16, 16, 32], stem_stride=2, hidden=32, whiten=True)
+    fewer.init_from_data(x)
+    torch.testing.assert_close(fewer.features[0][0].weight.reshape(16, 9)[:8], filters[:8])
+    # filter i has norm 1 / sqrt(variance i): the filters come in order of falling variance, so the one dropped
+    # had the least
+    assert (filters[:9].norm(dim=1).diff() > 0).all()
     plain = create_model("cnn", **FAST_CNN)
     weights = plain.features[0][0].weight.clone()
     plain.init_from_data(x)

@@ -17,9 +17,10 @@ and why they exist (measurements in docs/experiments.md; speed from bench/speed.
   16-32-64) took 28% less time in fp32 and 19% less in bf16 (docs/experiments.md).
 - `whiten=True` makes the first conv a fixed one, not learned (airbench's idea, Keller Jordan 2024): its
   filters are the principal directions of the training images' 3x3 patches (the eigenvectors of their
-  9x9 covariance), each scaled by 1/sqrt(its variance) and paired with its negative, so the stem's
-  outputs are decorrelated from the first step on. Set by `init_from_data` before training;
-  `widths[0]` must then be 18 (9 directions x 2 signs, per input channel).
+  9x9 covariance with the largest variances), each scaled by 1/sqrt(its variance) and paired with its
+  negative, so the stem's outputs are decorrelated from the first step on. `widths[0]` is then 2 x
+  the number of directions kept: 18 keeps all 9, 16 drops the one of least variance. Set by
+  `init_from_data` before training.
 - `bn_momentum` is BatchNorm's running-statistics momentum (PyTorch's default 0.1): how fast the
   statistics that evaluation uses follow the changing weights.
 No hard-coded flatten size: it follows from the widths (the 9216 of pytorch/examples is a wart).
@@ -77,8 +78,9 @@ class SmallCNN(nn.Module):
         check_arg(0 <= dropout < 1, "dropout", "a probability in [0, 1)", dropout)
         check_arg(0 < bn_momentum <= 1, "bn_momentum", "a number in (0, 1]", bn_momentum)
         # 3x3 patches of in_chans channels have 9 * in_chans principal directions, each kept with both signs
-        check_arg(not whiten or widths[0] == 18 * in_chans, "widths",
-                  f"[{18 * in_chans}, ...] with whiten=true (9 x {in_chans} patch directions x 2 signs)", widths)
+        check_arg(not whiten or (widths[0] % 2 == 0 and widths[0] <= 18 * in_chans), "widths",
+                  f"an even first width of at most {18 * in_chans} with whiten=true (2 signs x the 3x3 patch "
+                  f"directions kept, of {9 * in_chans})", widths)
         self.whiten = whiten
         layers: list[nn.Module] = []
         cin = in_chans
@@ -120,8 +122,10 @@ class SmallCNN(nn.Module):
         patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
         patches -= patches.mean(0)
         variances, directions = torch.linalg.eigh(patches.T @ patches / len(patches))  # (9C,), (9C, 9C) columns
+        keep = conv.out_channels // 2  # the directions of largest variance (eigh sorts them ascending)
+        variances, directions = variances[-keep:].flip(0), directions[:, -keep:].flip(1)  # (k,), (9C, k)
         # filter i = direction i / sqrt(variance i): each output has unit variance, and the outputs are uncorrelated
-        filters = (directions / (variances.clamp(min=0) + WHITEN_EPS).sqrt()).T  # (9C, 9C), one filter a row
+        filters = (directions / (variances.clamp(min=0) + WHITEN_EPS).sqrt()).T  # (k, 9C), one filter a row
         conv.weight.copy_(torch.cat([filters, -filters]).reshape(conv.weight.shape))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
