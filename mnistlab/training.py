@@ -59,7 +59,14 @@ from mnistlab.run import CONFIG, ENV, RESULTS, RunFolder, environment, note, plu
 from mnistlab.tensorboard import TB_DIR, TensorBoardLog, require_tensorboard
 
 MAX_SHIFT = 2  # --augment shift moves images by up to this many pixels
-DATA_INIT_IMAGES = 5_000  # a model's data-dependent layers are set from this many training images (fixed ones)
+DATA_INIT_IMAGES = 5_000  # a model's data-dependent layers are set from this many training images
+
+
+def data_init_sample(n_train: int) -> torch.Tensor:
+    """Which training images set a model's data-dependent layers (DATA_INIT_IMAGES of them, or all): a sample fixed
+    by seed 0, not the first ones (a dataset stored by class, or a --labels-per-class subset's repeats, would skew
+    those), the same for every run of a dataset whatever its --seed."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(0))[:DATA_INIT_IMAGES]
 
 
 class TorchEngine(Engine):
@@ -99,7 +106,7 @@ class TorchEngine(Engine):
         model = model.to(self.device).to(memory_format=torch.channels_last)
         init_from_data = getattr(model, "init_from_data", None)
         if init_from_data is not None:  # a layer set from the data (the CNN's whiten=true): from the first images
-            init_from_data(to_input(self.train_x[:DATA_INIT_IMAGES], self.ds.mean, self.ds.std))
+            init_from_data(to_input(self.train_x[data_init_sample(len(self.train_x))], self.ds.mean, self.ds.std))
         if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
             for name, p in model.named_parameters():
                 p.requires_grad_(name.startswith("head."))

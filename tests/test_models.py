@@ -141,18 +141,21 @@ def test_cnn_whiten_makes_the_stem_decorrelate_the_patches_it_reads_and_keeps_it
     to outputs of unit variance and zero correlation, the other 9 are their negatives, and training leaves them
     alone (not trainable); without whiten, init_from_data changes nothing."""
     torch.manual_seed(0)
-    # correlated patches, as images have: noise plus smoothed noise (every direction keeps variance >= 1, so the
-    # small floor added to each variance, WHITEN_EPS, moves the result by less than the tolerance)
-    noise = torch.randn(64, 1, 30, 30)
-    x = noise[..., 1:-1, 1:-1] + 3 * torch.nn.functional.avg_pool2d(noise, 3, stride=1)  # (64, 1, 28, 28)
+    # correlated patches, as images have: noise plus noise smoothed along the rows only (so a filter laid out
+    # transposed would not decorrelate them; every direction keeps variance >= 1, so the small floor added to
+    # each variance, WHITEN_EPS, moves the result by less than the tolerance)
+    noise = torch.randn(64, 1, 28, 30)
+    x = noise[..., 1:-1] + 3 * torch.nn.functional.avg_pool2d(noise, (1, 3), stride=1)  # (64, 1, 28, 28)
     model = create_model("cnn", widths=[18, 16, 32], stem_stride=2, hidden=32, pool_first=True, whiten=True)
     model.init_from_data(x)
     stem = model.features[0][0]
     assert not stem.weight.requires_grad
     filters = stem.weight.reshape(18, 9)
     torch.testing.assert_close(filters[9:], -filters[:9])
-    patches = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 9)  # (64 * 196, 9)
-    out = torch.cov(((patches - patches.mean(0)) @ filters[:9].T).T)  # (9, 9)
+    # measured on the conv's own outputs (channels-last, as in training), so the filters' layout is checked too
+    with torch.no_grad():
+        out = stem.to(memory_format=torch.channels_last)(x)  # (64, 18, 14, 14)
+    out = torch.cov(out.transpose(0, 1).reshape(18, -1)[:9])  # (9, 9) over every image and position
     torch.testing.assert_close(out, torch.eye(9), atol=0.05, rtol=0)
     before = stem.weight.clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

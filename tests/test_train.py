@@ -634,18 +634,18 @@ def test_the_labelled_subset_note_accounts_for_the_images_an_epoch_shows():
 
 def test_a_whitened_stem_is_set_from_the_runs_own_training_images_and_kept(tmp_path):
     """--model-arg whiten=true: training builds the first conv from its training split's first images (the engine
-    calls init_from_data) and the finished run's stem is exactly that: fixed, never stepped."""
+    calls init_from_data on its seeded sample) and the finished run's stem is exactly that: fixed, never stepped."""
     from conftest import train_digits
 
     from mnistlab.checkpoint import CHECKPOINT, load_model
     from mnistlab.data.batches import to_input
     from mnistlab.data.dataset import load_dataset
     from mnistlab.models import create_model
-    from mnistlab.training import DATA_INIT_IMAGES
+    from mnistlab.training import data_init_sample
 
     run = train_digits(tmp_path, "--epochs", "1", "--model-arg", "widths=[18,16,32]", "--model-arg", "whiten=true")
     model, _ = load_model(run / CHECKPOINT)
     ds = load_dataset("digits")
     expected = create_model("cnn", widths=[18, 16, 32], whiten=True)
-    expected.init_from_data(to_input(ds.train_images[:DATA_INIT_IMAGES], ds.mean, ds.std))
+    expected.init_from_data(to_input(ds.train_images[data_init_sample(len(ds.train_images))], ds.mean, ds.std))
     torch.testing.assert_close(model.features[0][0].weight, expected.features[0][0].weight)

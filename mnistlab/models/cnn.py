@@ -79,8 +79,8 @@ class SmallCNN(nn.Module):
         check_arg(0 < bn_momentum <= 1, "bn_momentum", "a number in (0, 1]", bn_momentum)
         # 3x3 patches of in_chans channels have 9 * in_chans principal directions, each kept with both signs
         check_arg(not whiten or (widths[0] % 2 == 0 and widths[0] <= 18 * in_chans), "widths",
-                  f"an even first width of at most {18 * in_chans} with whiten=true (2 signs x the 3x3 patch "
-                  f"directions kept, of {9 * in_chans})", widths)
+                  f"a list whose first width is even and at most {18 * in_chans} with whiten=true (2 signs x the "
+                  f"3x3 patch directions kept, of {9 * in_chans}; try --model-arg widths=[16,48,96])", widths)
         self.whiten = whiten
         layers: list[nn.Module] = []
         cin = in_chans
@@ -117,8 +117,9 @@ class SmallCNN(nn.Module):
         if not self.whiten:
             return
         conv = self.features[0][0]
-        # every 3x3 patch the first conv reads (same stride and padding): (N, 9C, L) -> (N * L, 9C)
-        patches = F.unfold(x.float(), 3, padding=1, stride=conv.stride)
+        # every 3x3 patch the first conv reads (same stride and padding): (N, 9C, L) -> (N * L, 9C). On the CPU in
+        # float64 whatever the device (Apple's MPS has no float64); only the (2k, C, 3, 3) result goes back
+        patches = F.unfold(x.detach().float().cpu(), 3, padding=1, stride=conv.stride)
         patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
         patches -= patches.mean(0)
         variances, directions = torch.linalg.eigh(patches.T @ patches / len(patches))  # (9C,), (9C, 9C) columns
@@ -126,7 +127,7 @@ class SmallCNN(nn.Module):
         variances, directions = variances[-keep:].flip(0), directions[:, -keep:].flip(1)  # (k,), (9C, k)
         # filter i = direction i / sqrt(variance i): each output has unit variance, and the outputs are uncorrelated
         filters = (directions / (variances.clamp(min=0) + WHITEN_EPS).sqrt()).T  # (k, 9C), one filter a row
-        conv.weight.copy_(torch.cat([filters, -filters]).reshape(conv.weight.shape))
+        conv.weight.copy_(torch.cat([filters, -filters]).reshape(conv.weight.shape).to(conv.weight))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)))  # (B, hidden) or (B, pooled dim)
