@@ -105,7 +105,7 @@ class TorchEngine(Engine):
         model = create_model(cfg.model, in_chans=1, num_classes=self.ds.num_classes, **cfg.model_kwargs)
         model = model.to(self.device).to(memory_format=torch.channels_last)
         init_from_data = getattr(model, "init_from_data", None)
-        if init_from_data is not None:  # a layer set from the data (the CNN's whiten=true): from the first images
+        if init_from_data is not None:  # a layer set from the data (the CNN's whiten=true), from a fixed sample
             init_from_data(to_input(self.train_x[data_init_sample(len(self.train_x))], self.ds.mean, self.ds.std))
         if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
             for name, p in model.named_parameters():
