@@ -299,8 +299,8 @@ def section_filters(ctx: Context) -> Section | None:
     with torch.inference_mode():
         maps = feature_maps_figure(ctx.model, ctx.test_images, ctx.mean, ctx.std, index=int(ctx.sample()[0]),
                                    labels=ctx.test_labels, classes=ctx.classes)
-    what = ("not learned: fixed before training to the principal directions of the training images' 3x3 patches, "
-            "each beside its negative (whiten=true), from smooth blobs to fine checkerboards"
+    what = ("not learned but fixed before training (whiten=true) to the principal directions of the training "
+            "images' 3x3 patches, each beside its negative: from a smooth blob to fine checkerboards"
             if getattr(ctx.model, "whiten", False) else "most are small edge and blob detectors")
     parts: list[Image | Text | Table] = [image(filters, "first-layer filters"), Text(
         f"The first layer's filters (3x3 weights, red positive, blue negative, each on its own scale): {what}.")]
