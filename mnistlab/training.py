@@ -106,7 +106,8 @@ class TorchEngine(Engine):
         model = model.to(self.device).to(memory_format=torch.channels_last)
         init_from_data = getattr(model, "init_from_data", None)
         if init_from_data is not None:  # a layer set from the data (the CNN's whiten=true), from a fixed sample
-            init_from_data(to_input(self.train_x[data_init_sample(len(self.train_x))], self.ds.mean, self.ds.std))
+            init_from_data(lambda: to_input(self.train_x[data_init_sample(len(self.train_x))], self.ds.mean,
+                                            self.ds.std))
         if cfg.freeze_encoder:  # a linear probe: only the head learns (before the optimizer, which takes the rest)
             for name, p in model.named_parameters():
                 p.requires_grad_(name.startswith("head."))

@@ -147,7 +147,7 @@ def test_cnn_whiten_makes_the_stem_decorrelate_the_patches_it_reads_and_keeps_it
     noise = torch.randn(64, 1, 28, 30)
     x = noise[..., 1:-1] + 3 * torch.nn.functional.avg_pool2d(noise, (1, 3), stride=1)  # (64, 1, 28, 28)
     model = create_model("cnn", widths=[18, 16, 32], stem_stride=2, hidden=32, pool_first=True, whiten=True)
-    model.init_from_data(x)
+    model.init_from_data(lambda: x)
     stem = model.features[0][0]
     assert not stem.weight.requires_grad
     filters = stem.weight.reshape(18, 9)
@@ -164,14 +164,14 @@ def test_cnn_whiten_makes_the_stem_decorrelate_the_patches_it_reads_and_keeps_it
     assert stem.weight.grad is None and torch.equal(stem.weight, before)
     # widths[0] = 16 keeps the 8 directions of largest variance: the same filters less the last
     fewer = create_model("cnn", widths=[16, 16, 32], stem_stride=2, hidden=32, whiten=True)
-    fewer.init_from_data(x)
+    fewer.init_from_data(lambda: x)
     torch.testing.assert_close(fewer.features[0][0].weight.reshape(16, 9)[:8], filters[:8])
     # filter i has norm 1 / sqrt(variance i): the filters come in order of falling variance, so the one dropped
     # had the least
     assert (filters[:9].norm(dim=1).diff() > 0).all()
     plain = create_model("cnn", **FAST_CNN)
     weights = plain.features[0][0].weight.clone()
-    plain.init_from_data(x)
+    plain.init_from_data(lambda: x)
     assert torch.equal(plain.features[0][0].weight, weights)
 
 

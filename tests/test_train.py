@@ -647,5 +647,5 @@ def test_a_whitened_stem_is_set_from_the_runs_own_training_images_and_kept(tmp_p
     model, _ = load_model(run / CHECKPOINT)
     ds = load_dataset("digits")
     expected = create_model("cnn", widths=[18, 16, 32], whiten=True)
-    expected.init_from_data(to_input(ds.train_images[data_init_sample(len(ds.train_images))], ds.mean, ds.std))
+    expected.init_from_data(lambda: to_input(ds.train_images[data_init_sample(len(ds.train_images))], ds.mean, ds.std))
     torch.testing.assert_close(model.features[0][0].weight, expected.features[0][0].weight)

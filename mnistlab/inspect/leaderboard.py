@@ -451,7 +451,7 @@ def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
         ax_row[1].set_title(f"{dataset}: accuracy against size")
         # beside the plots, never over a point
         ax_row[1].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
-                         title="rank. group\n(error bars: std over seeds,\nat most up to 100%)", title_fontsize=9)
+                         title="rank. group\n(error bars: std over seeds,\ncapped at 100%)", title_fontsize=9)
     return save_figure(fig, out, dpi=110)
 
 

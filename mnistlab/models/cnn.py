@@ -28,7 +28,7 @@ No hard-coded flatten size: it follows from the widths (the 9216 of pytorch/exam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -111,11 +111,13 @@ class SmallCNN(nn.Module):
             self.features[0][0].weight.requires_grad_(False)
 
     @torch.no_grad()
-    def init_from_data(self, x: torch.Tensor) -> None:
-        """whiten=True: set the first conv's filters from training images x (N, C, H, W), normalised as the model
-        sees them. A no-op otherwise. Deterministic: the same images give the same filters."""
+    def init_from_data(self, images: Callable[[], torch.Tensor]) -> None:
+        """whiten=True: set the first conv's filters from training images (N, C, H, W), normalised as the model sees
+        them, which `images()` makes: only when asked, so a model without whiten costs its run nothing. A no-op
+        otherwise. Deterministic: the same images give the same filters."""
         if not self.whiten:
             return
+        x = images()
         conv = self.features[0][0]
         # every 3x3 patch the first conv reads (same stride and padding): (N, 9C, L) -> (N * L, 9C). On the CPU in
         # float64 whatever the device (Apple's MPS has no float64); only the (2k, C, 3, 3) result goes back
