@@ -159,19 +159,44 @@ def running(command: list[str], port: int):
             process.wait()
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, MiB (Linux /proc)."""
-    total, todo = 0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants, alive now (Linux /proc)."""
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        tree.append(p)
+    return tree
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, MiB (Linux /proc)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
         except (OSError, StopIteration):
             continue
     return total / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process and its descendants have used so far, seconds (Linux
+    /proc): read before and after a load, it gives the server's own CPU per request, which wrk's figures do not
+    separate from wrk's share of the same cores."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, picture: Path, connections: int, seconds: float) -> dict:
@@ -206,19 +231,24 @@ def measure(args: argparse.Namespace) -> None:
             pids[kind] = servers.enter_context(running(server_command(kind, args.run_dir, port, args.workers, extra),
                                                        port)).pid
             wrk(urls[kind], picture, 8, 2)  # warm-up: first calls, thread pools, allocator
-        print("| round | server | workers | connections | requests/s | p50 ms | p99 ms | errors | RSS MiB |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| round | server | workers | connections | requests/s | p50 ms | p99 ms | errors | CPU ms/request "
+              "| RSS MiB |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for round_ in range(1, args.repeats + 1):
             for c in connections:
                 for kind in kinds:
+                    cpu = cpu_seconds(pids[kind])
                     r = wrk(urls[kind], picture, c, args.seconds)
+                    r["cpu_ms"] = (cpu_seconds(pids[kind]) - cpu) / max(r["requests"], 1) * 1000
                     r["rss"] = rss_mib(pids[kind])
                     results[kind, c].append(r)
                     print(f"| {round_} | {kind} | {args.workers} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.1f} "
-                          f"| {r['p99_ms']:.1f} | {r['errors']} | {r['rss']:.0f} |", flush=True)
-    print(f"\nmedians over {args.repeats} round(s); x bare: the median of each round's ratio to the bare endpoint")
-    print("| server | workers | connections | requests/s | x bare | p50 ms | p99 ms | errors | RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                          f"| {r['p99_ms']:.1f} | {r['errors']} | {r['cpu_ms']:.2f} | {r['rss']:.0f} |", flush=True)
+    print(f"\nmedians over {args.repeats} round(s); x bare: the median of each round's ratio to the bare endpoint; "
+          "CPU ms/request: the server's own processes (user + system), wrk's excluded")
+    print("| server | workers | connections | requests/s | x bare | p50 ms | p99 ms | errors | CPU ms/request "
+          "| RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind in kinds:
         for c in connections:
             rows = results[kind, c]
@@ -226,9 +256,10 @@ def measure(args: argparse.Namespace) -> None:
             if "bare" in kinds:
                 ratios = [r["rps"] / b["rps"] for r, b in zip(rows, results["bare", c], strict=True)]
                 ratio = f"{statistics.median(ratios):.3f}"
-            rps, p50, p99 = (statistics.median(r[key] for r in rows) for key in ("rps", "p50_ms", "p99_ms"))
+            rps, p50, p99, cpu = (statistics.median(r[key] for r in rows)
+                                  for key in ("rps", "p50_ms", "p99_ms", "cpu_ms"))
             print(f"| {kind} | {args.workers} | {c} | {rps:,.0f} | {ratio} | {p50:.1f} | {p99:.1f} "
-                  f"| {sum(r['errors'] for r in rows)} | {max(r['rss'] for r in rows):.0f} |")
+                  f"| {sum(r['errors'] for r in rows)} | {cpu:.2f} | {max(r['rss'] for r in rows):.0f} |")
 
 
 # --- the same work without HTTP -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from mnistlab.cli import main
 from mnistlab.config import TrainConfig, resolve_config
 from mnistlab.inspect.leaderboard import (
+    _log_ticks,
     accuracy_error_bar,
     build_rows,
     compare_to_best,
@@ -274,3 +275,12 @@ def test_an_accuracy_error_bar_stops_at_100_percent():
     assert below == [0.32] and above[0] == pytest.approx(0.19)
     assert accuracy_error_bar(92.6, 0.12) == [[0.12], [0.12]]
     assert accuracy_error_bar(100.0, 0.0) == [[0.0], [0.0]]
+
+
+def test_a_log_axis_narrower_than_its_coarse_ticks_gets_every_integer_multiple():
+    """A group whose runs all took 3 to 12 s would show only "10" with ticks at 1, 2 and 5 times each power of ten
+    (the digits panel did): such an axis is labelled at every multiple 1-9; a wide one keeps 1, 2 and 5."""
+    assert _log_ticks(2.0, 300.0) == (1.0, 2.0, 5.0)  # 2, 5, 10, 20, 50, 100, 200
+    assert _log_ticks(5_000.0, 600_000.0) == (1.0, 2.0, 5.0)
+    assert _log_ticks(2.6, 14.0) == tuple(float(m) for m in range(1, 10))  # only 5 and 10 in range
+    assert _log_ticks(3.0, 4.5) == tuple(float(m) for m in range(1, 10))  # none in range

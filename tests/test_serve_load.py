@@ -110,3 +110,28 @@ def test_the_serve_help_states_the_settings_defaults(capsys):
                         ("--keep-alive", defaults.keep_alive), ("--read-timeout", defaults.read_timeout)]:
         said = re.search(re.escape(flag) + r" \S+ .*?\(default: ([0-9.]+)", text)
         assert said and float(said.group(1)) == value, (flag, value)
+
+
+def test_cpu_seconds_counts_a_process_tree_and_only_its_work(bench):
+    """The bench's CPU-per-request column: a child that burns 0.3 s of CPU under a parent that sleeps is counted
+    in the parent's tree (both its descendants and itself), and an idle tree adds next to nothing."""
+    import os
+    import time
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {burn!r}])\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(bench.process_tree(parent.pid)) < 2 or bench.cpu_seconds(parent.pid) < 0.3:
+            assert time.monotonic() < deadline, (bench.process_tree(parent.pid), bench.cpu_seconds(parent.pid))
+            time.sleep(0.1)
+        assert bench.process_tree(parent.pid)[0] == parent.pid
+        before = bench.cpu_seconds(parent.pid)
+        time.sleep(0.5)  # both now sleep
+        assert bench.cpu_seconds(parent.pid) - before < 0.05
+        assert bench.cpu_seconds(os.getpid()) > 0  # this process has worked: its own time is there too
+    finally:
+        for pid in bench.process_tree(parent.pid)[::-1]:
+            os.kill(pid, 9)
+        parent.wait()

@@ -411,6 +411,15 @@ def accuracy_error_bar(mean: float, std: float) -> list[list[float]]:
     return [[std], [max(0.0, min(std, 100.0 - mean))]]
 
 
+def _log_ticks(low: float, high: float) -> tuple[float, ...]:
+    """Where a log axis from low to high gets labelled ticks, as multiples of each power of ten: 1, 2 and 5, unless
+    fewer than three of those fall in the range (one group's runs all took 3 to 12 s), then every integer 1-9."""
+    coarse = (1.0, 2.0, 5.0)
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    shown = [m * 10.0**d for d in decades for m in coarse if low <= m * 10.0**d <= high]
+    return coarse if len(shown) >= 3 else tuple(float(m) for m in range(1, 10))
+
+
 def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
     """Test accuracy against training time and against parameters, error bars over seeds; a row per dataset."""
     from mnistlab.plots import pyplot, save_figure
@@ -440,10 +449,10 @@ def plot_leaderboard(rows: list[Row], out: str | Path) -> Path:
         for ax, xlabel, fmt in ((ax_row[0], "training time (s, log scale)", _short_seconds),
                                 (ax_row[1], "parameters (log scale)", _short_count)):
             ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.margins(x=0.15, y=0.12)
+            ax.xaxis.set_major_locator(LogLocator(subs=_log_ticks(*ax.get_xlim())))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _, fmt=fmt: fmt(v)))
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.margins(x=0.15, y=0.12)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{dataset} test accuracy (%)")
             ax.grid(True, which="both", alpha=0.3)
