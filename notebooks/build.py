@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,14 +38,24 @@ def chapters(prefixes: list[str]) -> list[Path]:
 def execute(source: Path):
     """The chapter as a notebook, executed in a fresh python3 kernel whose working directory is notebooks/."""
     import jupytext
+    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
 
     nb = jupytext.read(source)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata.pop("jupytext", None)  # the pairing header is the .py's business, not the page's
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(HERE)}})
-    client.execute()
+    # the kernel talks to this process over Unix sockets in a private folder (ipc), not TCP on localhost: ipykernel
+    # warns that unencrypted TCP could be read by anyone on the machine, and a socket folder only we can open
+    # cannot be
+    with tempfile.TemporaryDirectory(prefix="mnistlab-kernel-") as sockets:
+        manager = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+        client = NotebookClient(nb, km=manager, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                resources={"metadata": {"path": str(HERE)}})
+        try:
+            client.execute()
+        finally:  # a manager handed in is ours to stop: nbclient stops only the kernels it made itself
+            if manager.has_kernel:
+                manager.shutdown_kernel(now=False)
     for cell in nb.cells:  # timestamps would make every rebuild a diff
         cell.get("metadata", {}).pop("execution", None)
     return nb
