@@ -165,11 +165,15 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:  # gone already
             continue
         tree.append(p)
+        for task in tasks:  # a thread that ends meanwhile takes only its own children's listing with it
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
     return tree
 
 

@@ -38,7 +38,6 @@ def chapters(prefixes: list[str]) -> list[Path]:
 def execute(source: Path):
     """The chapter as a notebook, executed in a fresh python3 kernel whose working directory is notebooks/."""
     import jupytext
-    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
 
     nb = jupytext.read(source)
@@ -48,14 +47,13 @@ def execute(source: Path):
     # warns that unencrypted TCP could be read by anyone on the machine, and a socket folder only we can open
     # cannot be
     with tempfile.TemporaryDirectory(prefix="mnistlab-kernel-") as sockets:
-        manager = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
-        client = NotebookClient(nb, km=manager, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+        client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                 resources={"metadata": {"path": str(HERE)}})
-        try:
-            client.execute()
-        finally:  # a manager handed in is ours to stop: nbclient stops only the kernels it made itself
-            if manager.has_kernel:
-                manager.shutdown_kernel(now=False)
+        # nbclient's own (asynchronous) manager, so its cell timeout works and it stops the kernel and its
+        # channels itself, on errors too; only where the sockets go is ours
+        manager = client.create_kernel_manager()
+        manager.transport, manager.ip = "ipc", str(Path(sockets) / "kernel")
+        client.execute()
     for cell in nb.cells:  # timestamps would make every rebuild a diff
         cell.get("metadata", {}).pop("execution", None)
     return nb

@@ -278,7 +278,7 @@ def test_an_accuracy_error_bar_stops_at_100_percent():
 
 
 def test_a_log_axis_narrower_than_its_coarse_ticks_gets_every_integer_multiple():
-    """A group whose runs all took 3 to 12 s would show only "10" with ticks at 1, 2 and 5 times each power of ten
+    """A group whose runs all took 7 to 11 s would show only "10" with ticks at 1, 2 and 5 times each power of ten
     (the digits panel did): such an axis is labelled at every multiple 1-9; a wide one keeps 1, 2 and 5."""
     assert _log_ticks(2.0, 300.0) == (1.0, 2.0, 5.0)  # 2, 5, 10, 20, 50, 100, 200
     assert _log_ticks(5_000.0, 600_000.0) == (1.0, 2.0, 5.0)

@@ -143,7 +143,7 @@ class Predictor:
             k = min(top_k, len(self.classes))
             values, indices = probs.topk(k, dim=1)  # (N, k) each
             # as Python lists once for the batch: indexing a tensor element by element costs a few microseconds
-            # a time, more than the model's share of a picture in a large batch
+            # a time
             for i, row_values, row_indices in zip(live, values.tolist(), indices.tolist(), strict=True):
                 best, p = row_indices[0], row_values[0]
                 results[i].status = "unsure" if self.threshold is not None and p < self.threshold else "ok"

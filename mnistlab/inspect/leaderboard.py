@@ -413,7 +413,7 @@ def accuracy_error_bar(mean: float, std: float) -> list[list[float]]:
 
 def _log_ticks(low: float, high: float) -> tuple[float, ...]:
     """Where a log axis from low to high gets labelled ticks, as multiples of each power of ten: 1, 2 and 5, unless
-    fewer than three of those fall in the range (one group's runs all took 3 to 12 s), then every integer 1-9."""
+    fewer than three of those fall in the range (one group's runs all took 7 to 11 s), then every integer 1-9."""
     coarse = (1.0, 2.0, 5.0)
     decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
     shown = [m * 10.0**d for d in decades for m in coarse if low <= m * 10.0**d <= high]
