@@ -633,8 +633,8 @@ def test_the_labelled_subset_note_accounts_for_the_images_an_epoch_shows():
 
 
 def test_a_whitened_stem_is_set_from_the_runs_own_training_images_and_kept(tmp_path):
-    """--model-arg whiten=true: training builds the first conv from its training split's first images (the engine
-    calls init_from_data on its seeded sample) and the finished run's stem is exactly that: fixed, never stepped."""
+    """--model-arg whiten=true: training builds the first conv from a sample of its training split fixed by seed 0
+    (the engine calls init_from_data on it) and the finished run's stem is exactly that: fixed, never stepped."""
     from conftest import train_digits
 
     from mnistlab.checkpoint import CHECKPOINT, load_model
