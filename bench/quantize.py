@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line  # noqa: E402
+from mnistlab.run import cpu  # noqa: E402
 
 MODELS = ("cnn", "lenet5", "mlp", "linear", "vit", "rnn", "gru", "lstm")
 RUNTIMES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
@@ -149,13 +150,8 @@ def timing(folder: Path, models: list[str]) -> None:
 
 def cpu_features() -> str:
     """The CPU's int8 and bf16 matrix features, from /proc/cpuinfo's flags."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
+    flags = cpu().flags
+    if not flags:
         return "flags unknown"
     names = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
     have = [n for n in names if n in flags]

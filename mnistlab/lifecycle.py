@@ -18,7 +18,6 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -39,7 +38,7 @@ from mnistlab.config import PretrainConfig, TrainConfig, model_label
 from mnistlab.errors import UserError
 from mnistlab.loop import TrainingDiverged, TrainState
 from mnistlab.optim import Muon, NesterovSGD, Optimizer
-from mnistlab.run import CONFIG, RESULTS, RunFolder, cap_threads, note, say, tune_allocator
+from mnistlab.run import CONFIG, RESULTS, RunFolder, cap_threads, cpu, note, say, tune_allocator
 
 PRETRAIN_META = ("kind", "model", "model_kwargs", "in_chans", "method", "config", "mean", "std", "step")
 RunConfig = TypeVar("RunConfig", TrainConfig, PretrainConfig)
@@ -125,19 +124,8 @@ def bf16_is_fast(device: torch.device, cpuinfo: str | None = None) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags: set[str] = set()
-    vendor = ""
-    for line in cpuinfo.splitlines():
-        if line.startswith("vendor_id") and not vendor:
-            vendor = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    return "amx_bf16" in flags or (vendor == "AuthenticAMD" and "avx512_bf16" in flags)
+    info = cpu(cpuinfo)
+    return "amx_bf16" in info.flags or (info.vendor == "AuthenticAMD" and "avx512_bf16" in info.flags)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig | PretrainConfig) -> Optimizer:

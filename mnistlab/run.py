@@ -4,7 +4,7 @@
         .lock                    held (an OS file lock) by the one process writing this run
         config.json              the TrainConfig or PretrainConfig (the checkpoint carries the same, and
                                  wins on resume)
-        env.json                 provenance: versions, device, threads, git commit, data hashes
+        env.json                 provenance: versions, CPU, device, threads, git commit, data hashes
         metrics.jsonl            one record per finished epoch
         checkpoint.safetensors   weights, optimizer state, step (checkpoint.py)
         results.json             at the end: accuracies (pre-training: losses), seconds, parameters
@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,53 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass(frozen=True)
+class Cpu:
+    """What /proc/cpuinfo says of this machine's first CPU (empty where it cannot be read: not Linux)."""
+
+    model: str  # "Intel(R) Xeon(R) Processor"
+    vendor: str  # "GenuineIntel", "AuthenticAMD"
+    flags: frozenset[str]  # the kernel's feature flags: "avx2", "avx512f", "amx_bf16", ...
+
+    @property
+    def units(self) -> str:
+        """The vector and matrix units behind much of a CPU timing, in words: "AVX-512, VNNI, AMX" on a Xeon with
+        Intel's matrix unit, "AVX2" on an older or smaller core, "" when the flags are unknown. The same recipe ran
+        up to 3x apart on machines that differ only here (docs/deploy.md, docs/distributed.md)."""
+        if not self.flags:
+            return ""
+        f = self.flags
+        units = ["AVX-512" if "avx512f" in f else "AVX2" if "avx2" in f else "no AVX2"]
+        if {"avx512_vnni", "avx_vnni"} & f:
+            units.append("VNNI")  # int8 dot products in the vector unit
+        if "amx_tile" in f:
+            units.append("AMX")  # Intel's matrix unit (int8 and bf16 tiles)
+        return ", ".join(units)
+
+    def __str__(self) -> str:
+        """The name a timing is given beside: "Intel(R) Xeon(R) Processor (AVX-512, VNNI, AMX)"."""
+        name = self.model or platform.processor() or platform.machine()
+        return f"{name} ({self.units})" if self.units else name
+
+
+def cpu(cpuinfo: str | None = None) -> Cpu:
+    """This machine's CPU from /proc/cpuinfo (or from `cpuinfo`, its text, for tests): the first processor's
+    model name, vendor and flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends at its blank line
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return Cpu(model=fields.get("model name", ""), vendor=fields.get("vendor_id", ""),
+               flags=frozenset(fields.get("flags", "").split()))
+
+
 def environment(device: str, dataset: Any, **extra: Any) -> dict[str, Any]:
     """Provenance for env.json: versions, machine, device, code and data."""
     import numpy
@@ -328,6 +376,7 @@ def environment(device: str, dataset: Any, **extra: Any) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": str(cpu()),  # the model and its vector units: where the run's seconds were measured
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,

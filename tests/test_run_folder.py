@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import threading
@@ -298,7 +299,8 @@ def test_environment_records_versions_device_code_and_data(monkeypatch):
         "mnistlab": mnistlab.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count()}
     assert env["processor"] and datetime.fromisoformat(env["started"]).tzinfo is not None
-    assert sorted(env) == sorted(["mnistlab", "python", "torch", "numpy", "platform", "processor", "cpu_count",
+    assert env["cpu"] == str(run.cpu())
+    assert sorted(env) == sorted(["mnistlab", "python", "torch", "numpy", "platform", "processor", "cpu", "cpu_count",
                                   "torch_threads", "device", "cuda_device", "git_commit", "dataset", "data_source",
                                   "data_sha256", "started", "ddp_world_size"])
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["cuda_device"] is None
@@ -309,6 +311,38 @@ def test_environment_records_versions_device_code_and_data(monkeypatch):
     assert run.environment("cpu", dataset)["processor"] == "arm64"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"gpu{i}")
     assert run.environment("cuda:1", dataset)["cuda_device"] == "gpu0"
+
+
+
+# /proc/cpuinfo's start, as three kinds of machine show it (one processor's block; the next begins after a blank line)
+XEON_AMX = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8580\n"
+            "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+            "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n")
+XEON_AVX512 = "vendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6148\nflags\t\t: sse2 avx2 avx512f\n"
+EPYC_AVX2 = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\nflags\t\t: sse2 avx2 fma\n"
+
+
+@pytest.mark.parametrize("text, name", [
+    (XEON_AMX, "Intel(R) Xeon(R) Platinum 8580 (AVX-512, VNNI, AMX)"),
+    (XEON_AVX512, "Intel(R) Xeon(R) Gold 6148 (AVX-512)"),
+    (EPYC_AVX2, "AMD EPYC 7B12 (AVX2)"),
+    ("model name\t: Old\nflags\t\t: sse2\n", "Old (no AVX2)"),
+])
+def test_cpu_names_the_model_and_its_vector_units(text, name):
+    """A timing is named by its CPU and the units that decide it: the same recipe ran up to 3x apart on an AVX2 EPYC,
+    an AVX-512 Xeon and a Xeon with AMX."""
+    assert str(run.cpu(text)) == name
+
+
+def test_cpu_reads_the_first_processor_and_falls_back_where_there_is_no_cpuinfo(monkeypatch):
+    amx = run.cpu(XEON_AMX)
+    assert (amx.vendor, amx.model) == ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8580")
+    assert "amx_bf16" in amx.flags and "fpu" in amx.flags and amx.units == "AVX-512, VNNI, AMX"
+    monkeypatch.setattr(platform, "processor", lambda: "")  # no /proc/cpuinfo (macOS) and no name from Python
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    unknown = run.cpu("")
+    assert (unknown.model, unknown.vendor, unknown.flags, unknown.units) == ("", "", frozenset(), "")
+    assert str(unknown) == "arm64"
 
 
 # ---- the allocator -------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -49,7 +48,7 @@ from mnistlab.config import TrainConfig
 from mnistlab.errors import UserError
 from mnistlab.files import atomic_write_text
 from mnistlab.record import RunRecord
-from mnistlab.run import CHECKPOINT, CONFIG, ENV, LOCK, RESULTS
+from mnistlab.run import CHECKPOINT, CONFIG, ENV, LOCK, RESULTS, cpu
 
 # Config fields that say where or how a run executed, not what it computes (module docstring).
 WHERE_FIELDS = frozenset({"run_dir", "threads", "device", "data_dir", "offline", "eval_batch_size", "deterministic",
@@ -299,22 +298,11 @@ def build_rows(runs: Sequence[Run], *, latency: bool = True, threads: int | None
 
 
 def machine_line(threads: int | None = None) -> str:
-    """This machine's CPU model, cores and torch: where the latency was measured."""
+    """This machine's CPU (its model and vector units), cores and torch: where the latency was measured."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):  # the vector units decide much of a CPU timing
-                flags = set(line.split(":", 1)[1].split())
-                cpu += " (" + ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2") + ")"
-                break
-    except OSError:
-        pass
     threads = threads or torch.get_num_threads()
-    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {_threads(threads)}"
+    return f"CPU {cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, {_threads(threads)}"
 
 
 def _threads(n: Any) -> str:
