@@ -109,9 +109,9 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from common import machine_line
 
-    from mnistlab.deploy.serve.server import one_blas_thread
+    from mnistlab.deploy.serve.server import one_thread_each
 
-    one_blas_thread()  # as the server does
+    one_thread_each()  # as the server does
     print(machine_line())
     print("| picture | stage | ms |")
     print("|---|---|---:|")

@@ -275,10 +275,9 @@ def in_process(args: argparse.Namespace) -> None:
 
     from mnistlab.deploy.predict import Predictor
     from mnistlab.deploy.serve.inference import Picture, model_view
-    from mnistlab.deploy.serve.server import one_blas_thread
+    from mnistlab.deploy.serve.server import one_thread_each
 
-    one_blas_thread()  # as the server does
-    torch.set_num_threads(1)  # one core's worth, as each process of `--workers 2` on 2 cores
+    one_thread_each()  # torch and BLAS on one thread, as in each server process
     pngs, _ = pictures(args.run_dir, n=64)
     options = dict(runtime=args.runtime) if args.runtime else {}
     predictor = Predictor.open(args.run_dir, warn_uncalibrated=False, **options)

@@ -586,6 +586,45 @@ def test_run_server_warns_on_stderr_when_not_loopback(runs, capsys, no_uvicorn):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_server_process_runs_torch_and_blas_on_one_thread(runs, monkeypatch, workers):
+    """The event loop does all of a request's work on one thread: a second torch thread only spun (OpenMP waits
+    busily after each model call), so one worker or each of several serves on one thread, whatever the cores."""
+    import torch
+    import uvicorn
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from mnistlab.deploy.serve import server
+
+    def threads() -> tuple[int, list[int]]:
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        return torch.get_num_threads(), blas
+
+    def many() -> None:  # as on a 2-core machine, so the test can fail on any machine
+        torch.set_num_threads(2)
+        threadpool_limits(2, user_api="blas")
+
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(threads()))
+    monkeypatch.setattr(server, "serve_processes", lambda config, sockets: seen.append("worker processes"))
+    monkeypatch.delenv(server.SETTINGS_VARIABLE, raising=False)  # run_server sets it for its workers: removed after
+    before = threads()
+    many()
+    try:
+        run_server([str(runs / "digits-mlp")], "127.0.0.1", free_port(),
+                   settings=server.ServeSettings(run_dirs=[str(runs / "digits-mlp")], workers=workers))
+        if workers > 1:  # what each worker process does when uvicorn starts it
+            many()
+            server.app_from_environment()
+            seen.append(threads())
+    finally:
+        torch.set_num_threads(before[0])
+        threadpool_limits(max(before[1], default=1), user_api="blas")
+    one = (1, [1] * len(before[1]))
+    assert before[1] and seen == ([one] if workers == 1 else ["worker processes", one])
+
+
+@pytest.mark.slow
 def test_models_of_a_trained_run_by_folder_name(real_client):
     models = real_client.get("/api/models").json()
     assert [m["name"] for m in models] == ["digits-mlp", "second"]

@@ -102,13 +102,22 @@ def load_models(run_dirs: list[str], **open_options: Any) -> dict[str, Predictor
     return models
 
 
-def one_blas_thread() -> None:
-    """numpy's BLAS (OpenBLAS) on one thread in this process. The preprocessing's least-squares fits of the paper's
-    surface are 6-column problems that more threads cannot speed up; with two they woke threads that fought the
-    preparing threads of the server of the time for the cores: 7.9 -> 4.0 ms of CPU per 280x280 picture on the
-    2-core Xeon of docs/deploy.md. Torch's own threads (OpenMP) are not BLAS's and keep their number."""
+def one_thread_each() -> None:
+    """torch and numpy's BLAS (OpenBLAS) on one thread in this server process: its event loop's.
+
+    The loop does a request's work in turn on its one thread (deploy/serve/inference.py), so a second thread only
+    helps the model's part, a tenth of a request, and costs more than that: after each model call torch's OpenMP
+    threads spin, waiting for the next. With two torch threads `mnistlab serve` (one worker, 2-core Xeon of
+    docs/deploy.md) used 4.8-5.0 ms of CPU a request at 8 connections and answered 322-336 requests/s; with one,
+    1.9-2.4 ms and 415-533 (with the spinning turned off, OMP_WAIT_POLICY=PASSIVE: 2.2-3.0 ms, 328-448). More
+    cores are used by more processes (--workers). The preprocessing's least-squares fits of the paper's surface are
+    6-column problems that more BLAS threads cannot speed up either; with two they woke threads that fought the
+    preparing threads of the server of the time for the cores: 7.9 -> 4.0 ms of CPU per 280x280 picture. Before
+    the models are loaded: onnxruntime takes torch's thread count when a session is made (deploy/runtime.py)."""
+    import torch
     from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
+    torch.set_num_threads(1)
     threadpool_limits(1, user_api="blas")
 
 
@@ -133,13 +142,10 @@ def freeze_garbage_collector() -> None:
 
 
 def app_from_environment() -> FastAPI:
-    """A worker process's app (uvicorn calls this by its import string): the settings from MNISTLAB_SERVE, the
-    cores shared out between the workers so N processes do not run N times the cores' threads."""
-    import torch
-
+    """A worker process's app (uvicorn calls this by its import string): the settings from MNISTLAB_SERVE, one
+    thread for the model and the preprocessing, as in every server process."""
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
-    one_blas_thread()
+    one_thread_each()
     return app_for(settings)
 
 
@@ -190,7 +196,7 @@ def run_server(run_dirs: list[str], host: str, port: int, max_upload: int | None
     sock = bind(host, port, reuse_port=settings.workers > 1)
     sockets = [sock]
     try:
-        one_blas_thread()
+        one_thread_each()
         models = load_models(settings.run_dirs, **settings.open_options)  # every run checked here, once
         app = app_for(settings, models) if settings.workers == 1 else None
         # from here connections queue until uvicorn's loop accepts them (2048: uvicorn's backlog)
