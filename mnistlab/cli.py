@@ -632,7 +632,8 @@ def _add_serve_parser(sub) -> None:
                    help="largest picture upload in MiB (default: 8, a phone photo); JSON bodies stay under 64 KiB")
     # the defaults live in deploy/serve/server.py's ServeSettings (measured: docs/deploy.md, "A server that batches")
     p.add_argument("--workers", type=_arg_type("positive_int"), metavar="N",
-                   help="server processes, each with its own copy of the models (default: 1)")
+                   help="server processes, each with its own copy of the models and using about one core "
+                        "(default: 1)")
     p.add_argument("--max-batch", type=_arg_type("positive_int"), metavar="N",
                    help="most pictures per model call; pictures that arrive while the server is busy join the "
                         "next call, a lone picture never waits (default: 32; 1 turns batching off)")

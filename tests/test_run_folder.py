@@ -313,7 +313,6 @@ def test_environment_records_versions_device_code_and_data(monkeypatch):
     assert run.environment("cuda:1", dataset)["cuda_device"] == "gpu0"
 
 
-
 # /proc/cpuinfo's start, as three kinds of machine show it (one processor's block; the next begins after a blank line)
 XEON_AMX = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8580\n"
             "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
@@ -329,8 +328,7 @@ EPYC_AVX2 = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\nflags\t\t: 
     ("model name\t: Old\nflags\t\t: sse2\n", "Old (no AVX2)"),
 ])
 def test_cpu_names_the_model_and_its_vector_units(text, name):
-    """A timing is named by its CPU and the units that decide it: the same recipe ran up to 3x apart on an AVX2 EPYC,
-    an AVX-512 Xeon and a Xeon with AMX."""
+    """A timing is named by its CPU and the units that decide much of it: AVX2, AVX-512, VNNI (int8), AMX (bf16)."""
     assert str(run.cpu(text)) == name
 
 
@@ -343,6 +341,7 @@ def test_cpu_reads_the_first_processor_and_falls_back_where_there_is_no_cpuinfo(
     unknown = run.cpu("")
     assert (unknown.model, unknown.vendor, unknown.flags, unknown.units) == ("", "", frozenset(), "")
     assert str(unknown) == "arm64"
+    assert run.cpu("\n" + XEON_AVX512).model == "Intel(R) Xeon(R) Gold 6148"  # a blank line before the first block
 
 
 # ---- the allocator -------------------------------------------------------------------------------------------

@@ -87,8 +87,8 @@ class OnnxRuntime(Runtime):
         ort = require_onnxruntime()
         source = model if isinstance(model, bytes) else str(model)
         options = ort.SessionOptions()
-        # as many threads as torch was given (the server shares the cores out among its workers), and no
-        # spinning: an idle onnxruntime thread that spins takes a core the server's preparing needs
+        # as many threads as torch was given (one in every server process: serve/server.py, one_thread_each), and
+        # no spinning: an idle onnxruntime thread that spins takes a core the server's preparing needs
         options.intra_op_num_threads = torch.get_num_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:

@@ -103,9 +103,10 @@ def load_models(run_dirs: list[str], **open_options: Any) -> dict[str, Predictor
 
 
 def one_thread_each() -> None:
-    """torch and numpy's BLAS (OpenBLAS) on one thread in this server process: its event loop's.
+    """torch and numpy's BLAS (OpenBLAS) with no helper threads in this server process: each call runs on the thread
+    that makes it (the event loop's, or for a picture over 512x512 the worker thread preparing it).
 
-    The loop does a request's work in turn on its one thread (deploy/serve/inference.py), so a second thread only
+    The loop does a request's work in turn on its one thread (deploy/serve/inference.py), so a helper thread only
     helps the model's part, a tenth of a request, and costs more than that: after each model call torch's OpenMP
     threads spin, waiting for the next. With two torch threads `mnistlab serve` (one worker, 2-core Xeon of
     docs/deploy.md) used 4.8-5.0 ms of CPU a request at 8 connections and answered 322-336 requests/s; with one,
