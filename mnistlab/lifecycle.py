@@ -118,9 +118,8 @@ def bf16_is_fast(device: torch.device, cpuinfo: str | None = None) -> bool:
 
     CUDA: compute capability 8.0 or newer (Ampere, Hopper and later have bf16 tensor cores).
     CPU: AMX-BF16 (Intel's matrix unit for bf16: 1.5-1.9x for the CNNs and the LSTM, 0.8-1.0x for the small
-    ViT), or an AMD CPU with
-    AVX512_BF16 (Zen 4 and later: bf16 autocast trained 1.12-1.57x faster than fp32). An Intel CPU with
-    AVX512_BF16 but no AMX measured 0.70-0.80x and an AVX2 CPU 0.25x: fp32 there."""
+    ViT), or an AMD CPU with AVX512_BF16 (Zen 4 and later: bf16 autocast trained 1.12-1.57x faster than fp32).
+    An Intel CPU with AVX512_BF16 but no AMX measured 0.70-0.80x and an AVX2 CPU 0.25x: fp32 there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
