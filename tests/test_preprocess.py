@@ -487,6 +487,56 @@ def test_very_faint_pencil_on_grey_paper_is_ink_and_near_black_paper_noise_is_no
     assert to_model_input(preprocess.ink_from_grey(noise)[0], "mnist")[1]
 
 
+# ---- a digital canvas's paper is taken as it is -----------------------------------------------------------
+
+def canvas(paper: float, item: float, box: tuple[int, int, int, int], side: int = 280) -> np.ndarray:
+    """A digital canvas (side, side) of one exact grey `paper` with a rectangle of grey `item` (top, bottom, left,
+    right), soft-edged by one pixel of the mean of the two, as a drawing program anti-aliases."""
+    grey = np.full((side, side), paper, dtype=np.float32)
+    top, bottom, left, right = box
+    grey[max(top - 1, 0) : bottom + 1, max(left - 1, 0) : right + 1] = (paper + item) / 2
+    grey[top:bottom, left:right] = item
+    return grey
+
+
+@pytest.mark.parametrize("box", [(100, 180, 90, 200),  # in the middle
+                                 (0, 280, 60, 220),  # a tall item touching the top and the bottom edge
+                                 (20, 260, 20, 260)])  # a large item over much of the band, corners clear
+def test_a_digital_canvas_is_read_against_its_exact_paper(box):
+    """The paper of a drawing program is one exact grey: no surface is fitted (soft stroke edges in the band would
+    tilt it, a large item would be taken for the paper), and the ink is the flat paper's, exactly."""
+    grey = canvas(1.0, 0.3, box)
+    assert preprocess._canvas_paper(grey) == 1.0
+    ink, inverted = preprocess.ink_from_grey(grey)
+    assert inverted
+    np.testing.assert_array_equal(ink, np.float32(1.0) - grey)  # paper 0, the item 0.7, its edge 0.35
+    light = canvas(0.0, 0.8, box)  # the served page's canvas: light ink on black
+    ink, inverted = preprocess.ink_from_grey(light)
+    assert preprocess._canvas_paper(light) == 0.0 and not inverted
+    np.testing.assert_array_equal(ink, light)
+
+
+def test_a_photo_or_a_canvas_mostly_covered_is_fitted():
+    grey = canvas(1.0, 0.3, (100, 180, 90, 200))
+    noisy = grey + np.random.default_rng(0).normal(0, 0.004, grey.shape).astype(np.float32)  # a camera's noise
+    assert preprocess._canvas_paper(np.clip(noisy, 0, 1)) is None
+    yy, xx = np.mgrid[0:280, 0:280] / 279 - 0.5
+    lens = np.minimum(1.0, 1.15 - 0.6 * (yy**2 + xx**2)).astype(np.float32)  # overexposed: most of it one white,
+    vignetted = np.minimum(grey, lens)  # but the lens darkens the corners
+    assert (vignetted == 1.0).mean() > 0.5 and preprocess._canvas_paper(vignetted) is None
+    assert preprocess._canvas_paper(canvas(1.0, 0.3, (0, 280, 10, 270))) is None  # the corners are the item's
+    covered = canvas(1.0, 0.3, (3, 277, 3, 277))  # less than half the band is paper
+    assert covered[0, 0] == 1.0 and preprocess._canvas_paper(covered) is None
+
+
+@pytest.mark.parametrize("paper, inverted", [(1.0, True), (0.0, False), (0.8, True), (0.3, False), (0.6, False)])
+def test_flat_ink_skips_the_clip_only_where_nothing_can_leave_0_to_1(paper, inverted):
+    grey = np.random.default_rng(1).random((50, 60)).astype(np.float32)
+    room = max(paper if inverted else 1.0 - paper, preprocess.MIN_ROOM)
+    expected = np.clip(((paper - grey) if inverted else (grey - paper)) / np.float32(room), 0.0, 1.0)
+    np.testing.assert_array_equal(preprocess._flat_ink(grey, paper, inverted), expected)
+
+
 def _pillow_box(a: np.ndarray, height: int, width: int) -> np.ndarray:
     """Pillow's own BOX resize of a float32 array, the reference preprocess._area_mean reproduces."""
     image = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")

@@ -19,8 +19,10 @@ Whichever way round the picture is (dark ink on paper, light ink on a dark scree
 alpha channel of a transparent canvas), the ink is found first. A photo's paper is rarely one grey:
 light falls across it in a gradient and the lens darkens the corners (vignetting), so the background
 is estimated as a smooth surface, a quadratic fitted to the picture's outer band (background in any
-sensible photo or drawing, with the strokes that reach it rejected as outliers), and subtracted. The
-ink is then whichever way the picture departs furthest from its background: darker or lighter.
+sensible photo or drawing, with the strokes that reach it rejected as outliers), and subtracted. A
+drawing program's canvas needs none of that: its paper is one exact grey (the corners and most of the
+outer band have it, which no photo's paper does), and it is taken as it is. The ink is then whichever
+way the picture departs furthest from its background: darker or lighter.
 """
 
 from __future__ import annotations
@@ -98,26 +100,32 @@ def ink_from_image(im: Image.Image) -> tuple[np.ndarray, bool]:
 
 def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     """(ink, inverted) of a grey picture (H, W) in [0, 1]: the ink is the side (darker or lighter) that departs
-    furthest from the background surface, as a share of the way from the paper to black (or white)."""
+    furthest from the background surface, as a share of the way from the paper to black (or white). A digital
+    canvas's paper is one exact grey and is taken as it is (_canvas_paper); a photo's is fitted."""
     grey = np.asarray(grey, dtype=np.float32)
+    paper = _canvas_paper(grey)
+    if paper is not None:  # no surface to fit: the paper is flat, and the level is known exactly
+        level = float(paper)
+        inverted = _canvas_polarity(level)
+        if inverted is None:
+            inverted = _polarity(grey, level, None, (level, level))
+        return _flat_ink(grey, level, inverted), inverted
     fit = _fit_background(grey)
     # the surface lies within level +- reach at every pixel (|x|, |y| <= 1): bounds known without making it
     level, reach = (_border_level(grey), 0.0) if fit is None else (float(fit[0][0]), _reach(fit[0]))
     lowest, highest = level - reach, level + reach
     flat = reach <= FLAT
-    # a flat paper (a small picture's border level, or a surface without slope, as a digital canvas's white is)
-    # is one number: no (H, W) surface to make, and the arithmetic below broadcasts it
+    # a flat paper (a small picture's border level, or a surface fitted without slope) is one number: no (H, W)
+    # surface to make, and the arithmetic below broadcasts it
     background = level if flat else np.matmul(*_surface_factors(fit[0], *grey.shape))  # float or (H, W)
     inverted = _polarity(grey, background, fit, (lowest, highest))
     # how far each pixel goes from the paper towards full ink, as a share of the room there is: where less
     # light falls the strokes are darker by less (the paper's reflectance times the light), and a stroke
     # must read the same across the sheet (floored: a near-black paper's noise is not ink). In place: at a
     # photo's size each full-resolution copy costs more than the arithmetic.
-    if flat:  # one number: a Python float, so the division stays in float32
-        room = max(background if inverted else 1.0 - background, MIN_ROOM)
-        ink = np.subtract(background, grey) if inverted else np.subtract(grey, background)  # (H, W)
-        ink /= room
-    elif inverted and lowest > MIN_ROOM + ROUNDING:
+    if flat:
+        return _flat_ink(grey, background, inverted), inverted
+    if inverted and lowest > MIN_ROOM + ROUNDING:
         # the floor cannot bind, so the room is the surface itself and (S - grey) / S = 1 - grey / S: made in
         # the surface's own array, two passes and no new (H, W) array
         ink = np.subtract(1.0, np.divide(grey, background, out=background), out=background)
@@ -126,6 +134,46 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
         room = background if inverted else np.subtract(1.0, background, out=background)
         np.divide(ink, np.maximum(room, MIN_ROOM, out=room), out=ink)
     return np.clip(ink, 0.0, 1.0, out=ink), inverted
+
+
+def _flat_ink(grey: np.ndarray, level: float, inverted: bool) -> np.ndarray:
+    """The ink (same shape as grey) on a flat paper of one grey level: how far each pixel goes from the paper
+    towards black (inverted) or white, as a share of the room there is, clipped to [0, 1]. level is a Python
+    float, so the arithmetic stays in float32."""
+    room = max(level if inverted else 1.0 - level, MIN_ROOM)
+    ink = np.subtract(level, grey) if inverted else np.subtract(grey, level)
+    if room != 1.0:
+        ink /= room
+    if level != (1.0 if inverted else 0.0):  # dark ink on white paper (light on black) stays within [0, 1]
+        np.clip(ink, 0.0, 1.0, out=ink)
+    return ink
+
+
+def _canvas_paper(a: np.ndarray) -> np.generic | None:
+    """The paper's grey (an element of a) if the picture is a digital canvas, else None. A digital canvas's paper
+    is one exact grey: its four corner pixels have it, and so do at least half of the outer band the surface would
+    be fitted on (BACKGROUND_BAND of each side; an item may cross the band and touch the edges). A photographed
+    paper is not: noise and the light vary it by a few levels at least, and where it is overexposed to one white
+    the lens still darkens the corners. A canvas's paper needs no surface: the fit would only be tilted by the
+    strokes' soft edges in the band (by up to 0.02 of full scale), or, where a large item covers much of the band,
+    take the item for the paper."""
+    h, w = a.shape
+    v = a[0, 0]
+    if not (a[0, -1] == v and a[-1, 0] == v and a[-1, -1] == v):
+        return None
+    band = max(2, round(BACKGROUND_BAND * min(h, w)))
+    if 2 * band >= min(h, w):  # a small picture: all of it is band
+        return v if 2 * np.count_nonzero(a == v) >= a.size else None
+    # the band as four slabs (rows above and below, then columns left and right between them): no mask
+    slabs = (a[:band], a[h - band :], a[band : h - band, :band], a[band : h - band, w - band :])
+    same = sum(np.count_nonzero(slab == v) for slab in slabs)
+    return v if 2 * same >= sum(slab.size for slab in slabs) else None
+
+
+def _canvas_polarity(level: float) -> bool | None:
+    """Whether the ink on a flat paper of this level is darker: on white paper it can only be darker, on black only
+    lighter (_polarity would find the same); None for a paper in between, where _polarity must look."""
+    return True if level >= 1.0 else False if level <= 0.0 else None
 
 
 def _reach(coef: np.ndarray) -> float:
