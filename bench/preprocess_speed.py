@@ -8,8 +8,9 @@ a 1600x1200 JPEG photo of a drawing on unevenly lit paper. The stages are those 
 mnistlab.deploy.serve.inference.decode and preprocess.view_of:
 
 - decode: Pillow reads the bytes to grey levels (a JPEG in draft mode, as decode() does), float32 in [0, 1];
-- background: preprocess._background, the paper's surface;
-- ink: the rest of ink_from_grey (the residual, its polarity, the ink as a share of the room);
+- background: preprocess._background, the paper's fitted surface (a photo's; a drawing program's canvas is read
+  against its exact paper and fits none: "-" there);
+- ink: the rest of ink_from_grey (the residual, its polarity, the ink as a share of the room; a canvas: all of it);
 - view: to_model_input, the ink box, its area resize and the paste into 28x28 (Fashion-MNIST's recipe);
 - after decoding: ink_from_grey + to_model_input, all the preparation that is this project's code;
 - end to end: decode() + view_of(), what a served request costs before the model.
@@ -85,21 +86,23 @@ def stages(name: str, data: bytes, repeats: int) -> None:
     from mnistlab.deploy.serve.inference import decode
 
     grey = grey_of(data)
-    background = preprocess._background(grey)
     ink, inverted = preprocess.ink_from_grey(grey)
+    fitted = preprocess._canvas_paper(grey) is None  # a canvas fits no surface: nothing to take away
+    background = ms(lambda: preprocess._background(grey), repeats) if fitted else None
     rows = {
         "decode": ms(lambda: grey_of(data), repeats),
-        "background": ms(lambda: preprocess._background(grey), repeats),
+        "background": background,
         "ink (ink_from_grey less the background)": ms(lambda: preprocess.ink_from_grey(grey), repeats)
-        - ms(lambda: preprocess._background(grey), repeats),
+        - (background or 0.0),
         "view (to_model_input, fashion)": ms(lambda: preprocess.to_model_input(ink, "fashion"), repeats),
         "after decoding: ink_from_grey + to_model_input": ms(
             lambda: preprocess.to_model_input(preprocess.ink_from_grey(grey)[0], "fashion"), repeats),
         "end to end: decode() + view_of()": ms(lambda: preprocess.view_of(*decode(data), "fashion-mnist"), repeats),
     }
-    del background, inverted
+    del inverted
     for stage, t in rows.items():
-        print(f"| {name} ({grey.shape[1]}x{grey.shape[0]} decoded) | {stage} | {t:.2f} |", flush=True)
+        shown = "-" if t is None else f"{t:.2f}"
+        print(f"| {name} ({grey.shape[1]}x{grey.shape[0]} decoded) | {stage} | {shown} |", flush=True)
 
 
 def main() -> None:

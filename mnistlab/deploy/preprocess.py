@@ -21,8 +21,9 @@ light falls across it in a gradient and the lens darkens the corners (vignetting
 is estimated as a smooth surface, a quadratic fitted to the picture's outer band (background in any
 sensible photo or drawing, with the strokes that reach it rejected as outliers), and subtracted. A
 drawing program's canvas needs none of that: its paper is one exact grey (the corners and most of the
-outer band have it, which no photo's paper does), and it is taken as it is. The ink is then whichever
-way the picture departs furthest from its background: darker or lighter.
+outer band have it, which a camera's noise and lens rarely leave a photo's paper), and it is taken as it
+is. A document scanner's whitened page or a screenshot is such a canvas too, and is read as one. The
+ink is then whichever way the picture departs furthest from its background: darker or lighter.
 """
 
 from __future__ import annotations
@@ -137,9 +138,10 @@ def ink_from_grey(grey: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def _flat_ink(grey: np.ndarray, level: float, inverted: bool) -> np.ndarray:
-    """The ink (same shape as grey) on a flat paper of one grey level: how far each pixel goes from the paper
-    towards black (inverted) or white, as a share of the room there is, clipped to [0, 1]. level is a Python
-    float, so the arithmetic stays in float32."""
+    """The ink (same shape as grey, in [0, 1] as grey is) on a flat paper of one grey level: how far each pixel goes
+    from the paper towards black (inverted) or white, as a share of the room there is, clipped to [0, 1] (no
+    clip where none can bind: dark ink on white paper, light on black). level is a Python float, so the arithmetic
+    stays in float32."""
     room = max(level if inverted else 1.0 - level, MIN_ROOM)
     ink = np.subtract(level, grey) if inverted else np.subtract(grey, level)
     if room != 1.0:
@@ -153,10 +155,11 @@ def _canvas_paper(a: np.ndarray) -> np.generic | None:
     """The paper's grey (an element of a) if the picture is a digital canvas, else None. A digital canvas's paper
     is one exact grey: its four corner pixels have it, and so do at least half of the outer band the surface would
     be fitted on (BACKGROUND_BAND of each side; an item may cross the band and touch the edges). A photographed
-    paper is not: noise and the light vary it by a few levels at least, and where it is overexposed to one white
-    the lens still darkens the corners. A canvas's paper needs no surface: the fit would only be tilted by the
-    strokes' soft edges in the band (by up to 0.02 of full scale), or, where a large item covers much of the band,
-    take the item for the paper."""
+    paper seldom is: noise and the light vary it by a few levels at least, and where it is overexposed to one
+    white the lens usually still darkens the corners (a cropped photo may not: then its band is mostly one white,
+    and the fit, whose robust start takes that majority, would have found the same paper within 0.02). A canvas's
+    paper needs no surface: the fit would only be tilted by the strokes' soft edges in the band (by up to 0.02 of
+    full scale), or, where a large item covers much of the band, take the item for the paper."""
     h, w = a.shape
     v = a[0, 0]
     if not (a[0, -1] == v and a[-1, 0] == v and a[-1, -1] == v):
@@ -324,8 +327,8 @@ def _powers(n: int, m: int) -> np.ndarray:
 
 
 def _background(grey: np.ndarray) -> np.ndarray:
-    """The paper's level at every pixel (H, W): the quadratic surface of _fit_background, or for a small
-    picture its border's median."""
+    """The surface ink_from_grey would fit (H, W) for a picture that is not a digital canvas (_canvas_paper): the
+    quadratic of _fit_background, or for a small picture its border's median."""
     fit = _fit_background(grey)
     if fit is None:
         return np.full_like(grey, _border_level(grey))
