@@ -1,12 +1,13 @@
 """Below the HTTP layer: a request's picture -> the served model's answer.
 
 Each server process does its work on its event loop's one thread: a picture of up to INLINE_PIXELS is decoded
-and prepared right there (2-3 ms for a 280x280 drawing), and the model call goes through the model's
-LoopBatcher (deploy/batcher.py), which answers a lone request in the loop's next turn and gathers the requests
-prepared meanwhile into one call. Handing each request to a worker thread and back cost more than it saved:
-the threads share one interpreter lock, so they add no core, only hand-overs (docs/deploy.md, "A server that
-batches"); the second core is used by a second worker process (`--workers 2`). Only a larger picture (a phone
-photo: 8-30 ms) is prepared in a worker thread, so that it does not hold up every other request and /healthz.
+and prepared right there (0.8-1.3 ms for a 280x280 drawing, bench/preprocess_speed.py), and the model call
+goes through the model's LoopBatcher (deploy/batcher.py), which answers a lone request in the loop's next turn
+and gathers the requests prepared meanwhile into one call. Handing each request to a worker thread and back
+cost more than it saved: the threads share one interpreter lock, so they add no core, only hand-overs
+(docs/deploy.md, "A server that batches"); the second core is used by a second worker process (`--workers
+2`). Only a larger picture (a phone photo: 8-30 ms) is prepared in a worker thread, so that it does not hold up
+every other request and /healthz.
 
 Nothing here knows FastAPI: app.py turns these exceptions into status codes, and anything shaped like
 a Predictor (ServedModel: a fake one in the tests) can be served.
